@@ -1,0 +1,222 @@
+"""Checkpoint files: read them without running code, write them atomically, build models from them.
+
+A checkpoint is either the authors' training format (`state_dict`, `state_dict_ema`, `args` as an
+argparse.Namespace, their parameter names) or this project's (the same keys plus `model_name` and
+`model_kwargs`, everything plain data), or a bare state dict. All load with `weights_only=True`.
+"""
+import argparse
+import logging
+import os
+import pickle
+import re
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import timm
+import torch
+from torch import nn
+
+from .posmlp import checkpoint_filter_fn
+
+_logger = logging.getLogger(__name__)
+
+__all__ = [
+    'CheckpointError', 'LoadedCheckpoint', 'create_model_from_checkpoint', 'infer_model_kwargs',
+    'load_checkpoint_file', 'load_weights', 'read_checkpoint', 'save_checkpoint_file', 'select_state_dict',
+]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unsafe, or does not fit the model."""
+
+
+def load_checkpoint_file(path: str) -> Any:
+    """torch.load with weights_only=True; the authors' argparse.Namespace `args` is allowed."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint {path!r} does not exist (or is not a file); check the path.')
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f'refusing to load {path!r}: unpickling it would construct objects other than tensors and plain '
+            f'data, i.e. run code from the file. Only weights-only checkpoints are loaded; if you trust the '
+            f'file, re-save its state_dict with plain types. torch said: {str(e).splitlines()[0]}'
+        ) from None
+    except (RuntimeError, EOFError) as e:
+        raise CheckpointError(f'{path!r} is not a readable PyTorch checkpoint (truncated or another format): {e}') from None
+
+
+def save_checkpoint_file(obj: Any, path: str):
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a half file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.pth.tar', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def select_state_dict(checkpoint: Any, use_ema: Optional[bool] = None) -> tuple:
+    """(state_dict, which) from a checkpoint: EMA weights when present unless use_ema is False."""
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f'a checkpoint must be a dict, got {type(checkpoint).__name__}.')
+    ema_key = next((k for k in ('state_dict_ema', 'model_ema') if isinstance(checkpoint.get(k), dict)), None)
+    live_key = next((k for k in ('state_dict', 'model') if isinstance(checkpoint.get(k), dict)), None)
+    if use_ema and ema_key is None:
+        raise CheckpointError('EMA weights were asked for, but the checkpoint has none (no state_dict_ema); '
+                              'drop --use-ema to use its live weights.')
+    if ema_key is not None and use_ema is not False:
+        return checkpoint[ema_key], ema_key
+    if live_key is not None:
+        return checkpoint[live_key], live_key
+    if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return checkpoint, 'state_dict'
+    raise CheckpointError(f'no weights found in the checkpoint (keys: {sorted(checkpoint)[:10]}).')
+
+
+@dataclass
+class LoadedCheckpoint:
+    """The weights chosen from a checkpoint file, and what the file says about its model."""
+    path: str
+    state_dict: Dict[str, torch.Tensor]
+    weights: str  # which entry the weights came from: 'state_dict_ema' or 'state_dict'
+    model_name: Optional[str] = None
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    epoch: Optional[int] = None
+    metric: Optional[float] = None
+
+
+def read_checkpoint(path: str, use_ema: Optional[bool] = None) -> LoadedCheckpoint:
+    """Read a checkpoint file and pick its EMA (default when present) or live weights."""
+    checkpoint = load_checkpoint_file(path)
+    state_dict, weights = select_state_dict(checkpoint, use_ema)
+    model_name = checkpoint.get('model_name') if isinstance(checkpoint.get('model_name'), str) else None
+    return LoadedCheckpoint(
+        path=path,
+        state_dict=checkpoint_filter_fn(state_dict),
+        weights=weights,
+        model_name=model_name,
+        model_kwargs=dict(checkpoint.get('model_kwargs') or {}),
+        epoch=checkpoint.get('epoch'),
+        metric=checkpoint.get('metric'),
+    )
+
+
+def _stage_indices(state_dict, pattern):
+    return sorted({int(m.group(1)) for k in state_dict if (m := re.match(pattern, k))})
+
+
+def infer_model_kwargs(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    """The architecture arguments of PosMLP that a state dict (project names) was made with."""
+    stages = _stage_indices(state_dict, r'stages\.(\d+)\.blocks\.')
+    if not stages or 'stem.conv1.weight' not in state_dict:
+        raise CheckpointError('these weights are not a PosMLP model (no stem.conv1 / stages.*.blocks.* '
+                              'after adapting names); pass --model for another architecture.')
+    kw = dict(embed_dims=[], depths=[], mlp_ratio=[], gamma=[], win_size=[])
+    gate, generalized = 'gqpe', True
+    for i in stages:
+        prefix = f'stages.{i}.blocks.'
+        depth = len(_stage_indices(state_dict, re.escape(prefix) + r'(\d+)\.'))
+        dim = state_dict[prefix + '0.norm.weight'].shape[0]
+        hidden = state_dict[prefix + '0.fc1.weight'].shape[0]
+        if prefix + '0.gate.proj.weight' in state_dict:
+            gate, gamma = 'sgu', 1
+            num_tokens = state_dict[prefix + '0.gate.proj.weight'].shape[0]
+        else:
+            num_tokens = state_dict[prefix + '0.gate.token_bias'].shape[1]
+            if prefix + '0.gate.pos.table' in state_dict:
+                gate, gamma = 'lrpe', state_dict[prefix + '0.gate.pos.table'].shape[1]
+            else:
+                gamma = state_dict[prefix + '0.gate.pos.centers'].shape[0]
+                generalized = state_dict[prefix + '0.gate.pos.spreads'].dim() == 3
+        kw['embed_dims'].append(dim)
+        kw['depths'].append(depth)
+        kw['mlp_ratio'].append(hidden / dim if hidden % dim else hidden // dim)
+        kw['gamma'].append(gamma)
+        kw['win_size'].append(int(round(num_tokens ** 0.5)))
+    kw = {k: tuple(v) for k, v in kw.items()}
+    if gate == 'sgu':
+        kw.pop('gamma')
+    kw.update(
+        gate=gate, generalized=generalized,
+        in_chans=state_dict['stem.conv1.weight'].shape[1],
+        num_classes=state_dict['head.weight'].shape[0] if 'head.weight' in state_dict else 0,
+    )
+    return kw
+
+
+def _listing(keys, limit=6):
+    keys = list(keys)
+    return ', '.join(keys[:limit]) + (f' ... ({len(keys)} in all)' if len(keys) > limit else '')
+
+
+def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str = 'checkpoint',
+                 finetune: bool = False):
+    """Load weights strictly; a head of another class count is reset (with a warning) only if finetune."""
+    state_dict = checkpoint_filter_fn(state_dict, model)
+    own = model.state_dict()
+    head_keys = [k for k in ('head.weight', 'head.bias') if k in state_dict]
+    head_differs = any(k not in own or own[k].shape != state_dict[k].shape for k in head_keys)
+    if head_differs:
+        theirs = state_dict['head.weight'].shape[0] if 'head.weight' in state_dict else 0
+        if not finetune:
+            raise CheckpointError(
+                f'{source} has a {theirs}-class head but the model has {getattr(model, "num_classes", "?")} '
+                f'classes. To fine-tune, load it with finetune=True (train.py --initial-checkpoint does) and the '
+                f'head is re-initialised; to evaluate, build the model with num_classes={theirs}.')
+        _logger.warning(f'{source}: {theirs}-class head dropped; the new head of {model.num_classes} '
+                        f'classes starts from its initialisation (fine-tuning).')
+        state_dict = {k: v for k, v in state_dict.items() if k not in head_keys}
+    missing = [k for k in own if k not in state_dict and not (head_differs and k.startswith('head.'))]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [f'{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}'
+                  for k in state_dict if k in own and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        parts = [f'missing keys: {_listing(missing)}' if missing else '',
+                 f'unexpected keys: {_listing(unexpected)}' if unexpected else '',
+                 f'shape mismatches (checkpoint vs model): {_listing(mismatched, 3)}' if mismatched else '']
+        raise CheckpointError(
+            f'{source} does not fit this model ({type(model).__name__}); it was made for another architecture. '
+            + '; '.join(p for p in parts if p)
+            + '. Leave out --model to build the architecture the checkpoint describes, or pick the matching one.')
+    model.load_state_dict(state_dict, strict=not head_differs)
+
+
+def create_model_from_checkpoint(
+        checkpoint: Any,
+        model_name: Optional[str] = None,
+        use_ema: Optional[bool] = None,
+        finetune: bool = False,
+        **kwargs,
+) -> nn.Module:
+    """Build a model and load a checkpoint's weights into it.
+
+    Args:
+        checkpoint: a path, or a `LoadedCheckpoint` from `read_checkpoint`.
+        model_name: a timm model name; when None, the one the checkpoint names, with the architecture
+            read off its weights (so the authors' checkpoints need no name).
+        use_ema: True for EMA weights, False for live ones, None for EMA when present.
+        finetune: allow a different `num_classes` (in kwargs): the head is then re-initialised.
+        kwargs: more model arguments (e.g. num_classes, drop_path_rate, gate_impl).
+    """
+    if not isinstance(checkpoint, LoadedCheckpoint):
+        checkpoint = read_checkpoint(checkpoint, use_ema)
+    if model_name is None:
+        model_kwargs = dict(checkpoint.model_kwargs, **infer_model_kwargs(checkpoint.state_dict))
+        model_name = checkpoint.model_name if timm.is_model(checkpoint.model_name or '') else 'posmlp_t'
+        model_kwargs.update(kwargs)
+    else:
+        model_kwargs = dict(kwargs)
+    model = timm.create_model(model_name, **model_kwargs)
+    load_weights(model, checkpoint.state_dict, f'{checkpoint.path} ({checkpoint.weights})', finetune)
+    _logger.info(f'Loaded {checkpoint.weights} weights of {checkpoint.path} into {model_name}.')
+    return model

@@ -1,0 +1,735 @@
+"""PosMLP: vision MLPs whose token mixing is generated from relative positions.
+
+Paper: "Parameterization of Cross-Token Relations with Relative Positional Encoding for Vision MLP"
+(Wang et al., ACM MM 2022, arXiv 2207.07284).
+
+The spatial gating unit of gMLP mixes tokens with one learned N x N matrix. PoSGU instead generates
+the mixing map from relative positions inside a local window, one map per channel group:
+  * GQPE: a 2-D Gaussian over the relative offset (learned centre and covariance), softmax-normalised;
+  * LRPE: a learned weight per relative offset, used as is.
+gMLP's SGU is kept as the ablation baseline (`gate='sgu'`).
+
+Layout: the stem and downsampling work on (B, C, H, W); each stage partitions its map into
+w x w windows, (B, nW, N, C) with N = w * w, and its blocks work there.
+"""
+import math
+import re
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+__all__ = ['PosMLP', 'PoSGU', 'SGU', 'GQPE', 'LRPE', 'checkpoint_filter_fn', 'level_sizes', 'valid_img_sizes']
+
+LN_EPS = 1e-6
+GATES = ('gqpe', 'lrpe', 'sgu')
+GATE_IMPLS = ('fast', 'reference')
+
+
+def window_partition(x: torch.Tensor, win: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B, nW, win * win, C), windows in row-major order."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // win, win, W // win, win, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, -1, win * win, C)
+
+
+def window_reverse(windows: torch.Tensor, win: int, H: int, W: int) -> torch.Tensor:
+    """Inverse of `window_partition`: (B, nW, win * win, C) -> (B, H, W, C)."""
+    B, _, _, C = windows.shape
+    x = windows.view(B, H // win, W // win, win, win, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, H, W, C)
+
+
+def relative_offsets(win: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Offsets (dx, dy) between every output token m and input token n of a window, shape (N, N).
+
+    dx = c_n - c_m and dy = r_m - r_n: the authors' sign conventions, which their checkpoints rely on.
+    """
+    rows, cols = torch.meshgrid(torch.arange(win), torch.arange(win), indexing='ij')
+    rows, cols = rows.flatten(), cols.flatten()
+    dx = cols[None, :] - cols[:, None]
+    dy = rows[:, None] - rows[None, :]
+    return dx, dy
+
+
+def level_sizes(img_size: Tuple[int, int], num_stages: int) -> List[Tuple[int, int]]:
+    """(H, W) of every stage's map: the stem halves twice, each later stage once (ceil, as the convs do)."""
+    h, w = img_size
+    sizes = []
+    for i in range(num_stages):
+        for _ in range(2 if i == 0 else 1):
+            h, w = (h + 1) // 2, (w + 1) // 2
+        sizes.append((h, w))
+    return sizes
+
+
+def _side_fits(side: int, win_size: Sequence[int]) -> bool:
+    sizes = level_sizes((side, side), len(win_size))
+    return all(s[0] % w == 0 for s, w in zip(sizes, win_size))
+
+
+def valid_img_sizes(near: int, win_size: Sequence[int]) -> Tuple[Optional[int], Optional[int]]:
+    """The nearest image sides below and above `near` whose level maps all divide by the windows."""
+    below = next((s for s in range(near, 0, -1) if _side_fits(s, win_size)), None)
+    step = 2 ** (len(win_size) + 1) * math.lcm(*win_size)
+    above = next((s for s in range(near, near + step + 1) if _side_fits(s, win_size)), None)
+    return below, above
+
+
+class GQPE(nn.Module):
+    """Generalized quadratic positional encoding: one softmax-normalised Gaussian map per group.
+
+    score_g[m, n] = -1/2 (D_mn - delta_g)^T A_g (D_mn - delta_g) with D_mn = (dx, dy), A_g = S_g S_g^T;
+    the constant term is dropped because the softmax over n removes it. The non-generalized form has
+    a scalar spread s_g per group: score = s^2 (delta . D) - |D|^2 / 2.
+    """
+
+    def __init__(self, win_size: int, gamma: int, generalized: bool = True, init_std: float = 0.01):
+        super().__init__()
+        self.win_size = win_size
+        self.gamma = gamma
+        self.generalized = generalized
+        self.init_std = init_std
+        self.centers = nn.Parameter(torch.empty(gamma, 2))
+        self.spreads = nn.Parameter(torch.empty(gamma, 2, 2) if generalized else torch.empty(gamma))
+        dx, dy = relative_offsets(win_size)
+        if generalized:
+            features = [dx, dy, dx ** 2, dy ** 2, dx * dy]
+        else:
+            features = [dx, dy, dx ** 2 + dy ** 2]
+        self.register_buffer('rel_features', torch.stack(features, -1).float(), persistent=False)
+        self.init_weights()
+
+    def init_weights(self):
+        nn.init.normal_(self.centers, std=self.init_std)
+        nn.init.normal_(self.spreads, std=self.init_std)
+        with torch.no_grad():
+            self.spreads.add_(torch.eye(2) if self.generalized else torch.ones(()))
+
+    def feature_weights(self) -> torch.Tensor:
+        """Weights of the relative-position features for every group, (gamma, F)."""
+        d1, d2 = self.centers.unbind(-1)
+        if self.generalized:
+            A = self.spreads @ self.spreads.transpose(-1, -2)
+            a, b, c, d = A[:, 0, 0], A[:, 0, 1], A[:, 1, 1], A[:, 1, 0]
+            return torch.stack([a * d1 + b * d2, c * d2 + d * d1, -a / 2, -c / 2, -(b + d) / 2], -1)
+        s2 = self.spreads ** 2
+        return torch.stack([s2 * d1, s2 * d2, torch.full_like(d1, -0.5)], -1)
+
+    def forward(self, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mixing maps, (gamma, N, N), float32; with an (nW, N) mask of padded tokens, (nW, gamma, N, N)."""
+        # The Gaussian scores and their softmax stay in float32 under autocast.
+        with torch.autocast(self.centers.device.type, enabled=False):
+            scores = torch.einsum('mnf,gf->gmn', self.rel_features, self.feature_weights().float())
+            if invalid_tokens is not None:
+                scores = scores.masked_fill(invalid_tokens[:, None, None, :], float('-inf'))
+            return scores.softmax(-1)
+
+
+class LRPE(nn.Module):
+    """Learnable relative positional encoding: one weight per relative offset and group, no softmax."""
+
+    def __init__(self, win_size: int, gamma: int):
+        super().__init__()
+        self.win_size = win_size
+        self.gamma = gamma
+        self.table = nn.Parameter(torch.empty((2 * win_size - 1) ** 2, gamma))
+        dx, dy = relative_offsets(win_size)
+        # Row offset r_m - r_n is dy and column offset c_m - c_n is -dx; shifted to be non-negative.
+        index = (dy + win_size - 1) * (2 * win_size - 1) + (win_size - 1 - dx)
+        self.register_buffer('rel_index', index, persistent=False)
+        self.init_weights()
+
+    def init_weights(self):
+        trunc_normal_(self.table, std=0.02)
+
+    def forward(self, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mixing maps, (gamma, N, N); with an (nW, N) mask of padded tokens, (nW, gamma, N, N)."""
+        maps = self.table[self.rel_index].permute(2, 0, 1)
+        if invalid_tokens is not None:
+            maps = maps.masked_fill(invalid_tokens[:, None, None, :], 0.)
+        return maps
+
+
+def mix_groups_reference(u: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Readable group-wise token mixing. u: (B, nW, N, D); channel k is in group k % gamma."""
+    B, nW, N, D = u.shape
+    gamma = maps.shape[-3]
+    u = u.reshape(B, nW, N, D // gamma, gamma)
+    if maps.dim() == 3:
+        out = torch.einsum('gmn,bwnjg->bwmjg', maps, u)
+    else:
+        out = torch.einsum('wgmn,bwnjg->bwmjg', maps, u)
+    return out.reshape(B, nW, N, D)
+
+
+def mix_groups_fast(u: torch.Tensor, maps: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Group-wise token mixing plus the per-token bias as batched matrix multiplies.
+
+    u: (B, nW, N, D); bias: (N,). Returns a (B * nW, N, D // gamma, gamma) view. Every window shares
+    the group's map, so all windows and channels of a group form the columns of one
+    (N, N) @ (N, B * nW * D / gamma) product: gamma large GEMMs instead of many small ones, with the
+    bias added inside the GEMM (baddbmm).
+    """
+    B, nW, N, D = u.shape
+    gamma = maps.shape[-3]
+    J = D // gamma
+    if maps.dim() == 3:
+        cols = u.reshape(B * nW, N, J, gamma).permute(3, 1, 0, 2).reshape(gamma, N, B * nW * J)
+        out = torch.baddbmm(bias.view(1, N, 1), maps, cols).view(gamma, N, B * nW, J)
+        return out.permute(2, 1, 3, 0)
+    # Per-window maps (padded inputs): windows become a batch dimension as well.
+    cols = u.reshape(B, nW, N, J, gamma).permute(1, 4, 2, 0, 3).reshape(nW, gamma, N, B * J)
+    out = (torch.matmul(maps, cols) + bias.view(1, 1, N, 1)).view(nW, gamma, N, B, J)
+    return out.permute(3, 0, 2, 4, 1).reshape(B * nW, N, J, gamma)
+
+
+class PoSGU(nn.Module):
+    """Positional spatial gating unit: mix(u) * v, where mix uses a generated map per channel group.
+
+    `impl='fast'` builds each map once per forward and caches it for inference (see `maps`);
+    `impl='reference'` is the direct form, kept readable and used to test the fast one.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            win_size: int,
+            gamma: int,
+            pos_enc: str = 'gqpe',
+            generalized: bool = True,
+            impl: str = 'fast',
+    ):
+        super().__init__()
+        gate_dim = dim // 2
+        if dim % 2 or gate_dim % gamma:
+            raise ValueError(f'PoSGU: half of the hidden width ({dim} / 2) must divide into gamma={gamma} groups.')
+        if impl not in GATE_IMPLS:
+            raise ValueError(f'PoSGU: impl={impl!r} is not one of {GATE_IMPLS}.')
+        self.impl = impl
+        self.pos = GQPE(win_size, gamma, generalized) if pos_enc == 'gqpe' else LRPE(win_size, gamma)
+        self.token_bias = nn.Parameter(torch.zeros(1, win_size * win_size, 1))
+        self._cached_maps: Optional[torch.Tensor] = None
+        self._cache_key: Optional[tuple] = None
+
+    def _maps_cache_key(self) -> tuple:
+        # In-place updates (optimizer steps, load_state_dict) bump a tensor's version counter;
+        # .to()/.half() give new storage. Either makes the cached maps stale.
+        return tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self.pos.parameters())
+
+    def maps(self, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The token-mixing maps; reused across calls only when no gradient can flow to them."""
+        cacheable = (
+            invalid_tokens is None
+            and not self.training
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+        )
+        if not cacheable:
+            return self.pos(invalid_tokens)
+        key = self._maps_cache_key()
+        if self._cache_key != key:
+            self._cached_maps = self.pos()
+            self._cache_key = key
+        return self._cached_maps
+
+    def train(self, mode: bool = True):
+        self._cached_maps, self._cache_key = None, None
+        return super().train(mode)
+
+    def forward(self, x: torch.Tensor, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        u, v = x.chunk(2, dim=-1)
+        if self.impl == 'reference':
+            mixed = mix_groups_reference(u, self.pos(invalid_tokens).to(u.dtype))
+            return (mixed + self.token_bias) * v
+        B, nW, N, D = u.shape
+        mixed = mix_groups_fast(u, self.maps(invalid_tokens).to(u.dtype), self.token_bias.view(N).to(u.dtype))
+        # v first: the product takes v's contiguous layout, so the view back needs no copy.
+        out = v.reshape(mixed.shape) * mixed
+        return out.view(B, nW, N, D)
+
+
+class SGU(nn.Module):
+    """gMLP's spatial gating unit inside a window (the paper's baseline): (W LN(u) + b) * v."""
+
+    def __init__(self, dim: int, win_size: int):
+        super().__init__()
+        num_tokens = win_size * win_size
+        self.norm = nn.LayerNorm(dim // 2, eps=LN_EPS)
+        self.proj = nn.Linear(num_tokens, num_tokens)
+        self.init_weights()
+
+    def init_weights(self):
+        # Near-identity gating at the start of training, as in gMLP.
+        nn.init.normal_(self.proj.weight, std=1e-6)
+        nn.init.ones_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        u, v = x.chunk(2, dim=-1)
+        weight = self.proj.weight
+        if invalid_tokens is not None:
+            weight = weight.masked_fill(invalid_tokens[:, None, :], 0.)
+        u = torch.matmul(weight, self.norm(u)) + self.proj.bias[:, None]
+        return u * v
+
+
+class PosMLPBlock(nn.Module):
+    """x + DropPath(Dropout(fc2(gate(GELU(fc1(LN(x))))))) on windowed tokens (B, nW, N, C)."""
+
+    def __init__(
+            self,
+            dim: int,
+            win_size: int,
+            gamma: int,
+            mlp_ratio: float = 4.,
+            gate: str = 'gqpe',
+            generalized: bool = True,
+            gate_impl: str = 'fast',
+            drop: float = 0.,
+            drop_path: float = 0.,
+    ):
+        super().__init__()
+        hidden = int(mlp_ratio * dim)
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        if gate == 'sgu':
+            self.gate = SGU(hidden, win_size)
+        else:
+            self.gate = PoSGU(hidden, win_size, gamma, gate, generalized, gate_impl)
+        self.fc2 = nn.Linear(hidden // 2, dim)
+        self.drop = nn.Dropout(drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        y = self.act(self.fc1(self.norm(x)))
+        y = self.drop(self.fc2(self.gate(y, invalid_tokens)))
+        return x + self.drop_path(y)
+
+
+class ConvStem(nn.Module):
+    """Stride-4 convolutional patch embedding: two 3x3 stride-2 convs and a 1x1 conv, each with BN."""
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1)
+        self.norm1 = nn.BatchNorm2d(dim // 2, eps=LN_EPS)
+        self.conv2 = nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1)
+        self.norm2 = nn.BatchNorm2d(dim, eps=LN_EPS)
+        self.conv3 = nn.Conv2d(dim, dim, 1)
+        self.norm3 = nn.BatchNorm2d(dim, eps=LN_EPS)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.norm1(self.conv1(x)))
+        x = self.act(self.norm2(self.conv2(x)))
+        return self.norm3(self.conv3(x))
+
+
+class ConvDownsample(nn.Module):
+    """Patch merging between stages: grouped 3x3 stride-2 conv (C -> 2C), then LayerNorm; NCHW -> NHWC."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1, groups=in_dim)
+        self.norm = nn.LayerNorm(out_dim, eps=LN_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x).permute(0, 2, 3, 1))
+
+
+class PosMLPStage(nn.Module):
+    """(downsample) -> window partition -> blocks -> window reverse; (B, C, H, W) in and out.
+
+    A map that does not divide into windows is padded at the bottom and right; the padded tokens are
+    kept out of the token mixing and cropped off afterwards, so they never reach a real token.
+    """
+
+    def __init__(
+            self,
+            in_dim: Optional[int],
+            dim: int,
+            depth: int,
+            win_size: int,
+            gamma: int,
+            mlp_ratio: float,
+            drop_path: Sequence[float],
+            **block_kwargs,
+    ):
+        super().__init__()
+        self.win_size = win_size
+        self.downsample = ConvDownsample(in_dim, dim) if in_dim is not None else None
+        self.blocks = nn.Sequential(*[
+            PosMLPBlock(dim, win_size, gamma, mlp_ratio, drop_path=drop_path[i], **block_kwargs)
+            for i in range(depth)
+        ])
+        self.grad_checkpointing = False
+        self.dynamic_pad = True
+
+    def _invalid_tokens(self, H: int, W: int, Hp: int, Wp: int, device: torch.device) -> torch.Tensor:
+        valid = torch.zeros(1, Hp, Wp, 1, dtype=torch.bool, device=device)
+        valid[:, :H, :W] = True
+        return ~window_partition(valid, self.win_size)[0, ..., 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x) if self.downsample is not None else x.permute(0, 2, 3, 1)
+        B, H, W, C = x.shape
+        win = self.win_size
+        pad_h, pad_w = -H % win, -W % win
+        invalid = None
+        if pad_h or pad_w:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+            invalid = self._invalid_tokens(H, W, H + pad_h, W + pad_w, x.device)
+        x = window_partition(x, win)
+        if invalid is None and self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        elif invalid is None:
+            x = self.blocks(x)
+        else:
+            for block in self.blocks:
+                if self.grad_checkpointing:
+                    x = torch.utils.checkpoint.checkpoint(block, x, invalid, use_reentrant=False)
+                else:
+                    x = block(x, invalid)
+        x = window_reverse(x, win, H + pad_h, W + pad_w)[:, :H, :W]
+        return x.permute(0, 3, 1, 2)
+
+
+class PosMLP(nn.Module):
+    """PosMLP: a conv stem, four stages of windowed PosMLP blocks, LayerNorm, average pool, linear head.
+
+    Args:
+        img_size: nominal input size; with `dynamic_img_pad=False` every input must fit the windows.
+        win_size, gamma, depths, embed_dims, mlp_ratio: per stage.
+        gate: 'gqpe' (the paper's models), 'lrpe', or 'sgu' (gMLP's gate, the ablation baseline).
+        generalized: full 2x2 covariance for GQPE (the paper's default) or one scalar spread per group.
+        gate_impl: 'fast' (batched GEMMs, cached maps) or 'reference' (the direct einsum form).
+        drop_rate: dropout after every block's output projection and before the head.
+        dynamic_img_pad: pad maps that do not divide into windows and mask the padding out of the
+            mixing; when False, such inputs raise an error naming the sizes that fit.
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dims: Sequence[int] = (96, 192, 384, 768),
+            depths: Sequence[int] = (2, 2, 18, 2),
+            mlp_ratio: Sequence[float] = (4, 4, 4, 2),
+            gamma: Sequence[int] = (8, 16, 32, 64),
+            win_size: Sequence[int] = (14, 14, 14, 7),
+            gate: str = 'gqpe',
+            generalized: bool = True,
+            gate_impl: str = 'fast',
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            dynamic_img_pad: bool = True,
+    ):
+        super().__init__()
+        num_stages = len(depths)
+        for name, value in dict(embed_dims=embed_dims, mlp_ratio=mlp_ratio, gamma=gamma, win_size=win_size).items():
+            if len(value) != num_stages:
+                raise ValueError(f'PosMLP: {name} has {len(value)} entries but depths has {num_stages}; give one per stage.')
+        if gate not in GATES:
+            raise ValueError(f'PosMLP: gate={gate!r} is not one of {GATES}.')
+        if global_pool not in ('avg', ''):
+            raise ValueError(f"PosMLP: global_pool={global_pool!r}; use 'avg' or '' (no pooling).")
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.win_size = tuple(win_size)
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.drop_rate = drop_rate
+        self.dynamic_img_pad = dynamic_img_pad
+        if not dynamic_img_pad:
+            self.check_input_size(self.img_size)
+
+        self.stem = ConvStem(in_chans, embed_dims[0])
+        drop_path = torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))
+        stages = []
+        self.feature_info = []
+        for i in range(num_stages):
+            stages.append(PosMLPStage(
+                embed_dims[i - 1] if i > 0 else None, embed_dims[i], depths[i], win_size[i], gamma[i],
+                mlp_ratio[i], drop_path[i].tolist(),
+                gate=gate, generalized=generalized, gate_impl=gate_impl, drop=drop_rate,
+            ))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
+        self.stages = nn.Sequential(*stages)
+        self.norm = nn.LayerNorm(self.num_features, eps=LN_EPS)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+        for module in self.modules():
+            if isinstance(module, (GQPE, LRPE, SGU)):
+                module.init_weights()
+
+    @staticmethod
+    def _init_weights(module: nn.Module):
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def check_input_size(self, img_size: Tuple[int, int]):
+        """Raise if some stage's map does not divide into its windows (only without dynamic_img_pad)."""
+        sizes = level_sizes(img_size, len(self.win_size))
+        for i, ((h, w), win) in enumerate(zip(sizes, self.win_size)):
+            if h % win or w % win:
+                fits = [str(s) for s in dict.fromkeys(valid_img_sizes(max(img_size), self.win_size)) if s]
+                raise ValueError(
+                    f'PosMLP: input {img_size[0]}x{img_size[1]} gives a {h}x{w} map at stage {i}, which does not '
+                    f'divide into {win}x{win} windows (windows {self.win_size}). Image sides that fit nearby: '
+                    f'{" and ".join(fits)}; or build the model with dynamic_img_pad=True to pad every stage.'
+                )
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        """Positional parameters (map generators and token bias) are kept out of weight decay, like
+        relative position tables in Swin; norms and biases are excluded by timm as 1-D parameters."""
+        return {n for n, _ in self.named_parameters() if '.gate.pos.' in n or n.endswith('gate.token_bias')}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ('avg', ''):
+                raise ValueError(f"PosMLP: global_pool={global_pool!r}; use 'avg' or ''.")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _check_input(self, x: torch.Tensor):
+        if not self.dynamic_img_pad:
+            self.check_input_size(tuple(x.shape[-2:]))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs as (B, C, H, W) maps (or NHWC); `norm` applies the final norm to the last one."""
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"PosMLP.forward_intermediates: output_fmt={output_fmt!r}; use 'NCHW' or 'NHWC'.")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last = len(self.stages) - 1
+        self._check_input(x)
+        x = self.stem(x)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                y = self._final_norm(x) if norm and i == last else x
+                intermediates.append(y.permute(0, 2, 3, 1) if output_fmt == 'NHWC' else y)
+        if intermediates_only:
+            return intermediates
+        if len(stages) - 1 == last:
+            x = self._final_norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages after the last one `indices` asks for (and the norm/head if asked)."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> normalised last-stage map (B, C, H/32, W/32)."""
+        self._check_input(x)
+        x = self.stages(self.stem(x))
+        return self._final_norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'avg':
+            x = x.mean(dim=(2, 3))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# The authors' parameter names (left) in this module's layout (right); their relative-position
+# index buffers are rebuilt here from the window size, so they are dropped.
+_AUTHOR_KEY_RENAMES = (
+    (r'^patch_embed\.projs\.(\d)\.', lambda m: f'stem.conv{int(m.group(1)) + 1}.'),
+    (r'^patch_embed\.norms\.(\d)\.', lambda m: f'stem.norm{int(m.group(1)) + 1}.'),
+    (r'^levels\.(\d+)\.pool\.', r'stages.\1.downsample.'),
+    (r'^levels\.(\d+)\.encoder\.(\d+)\.', r'stages.\1.blocks.\2.'),
+    (r'\.proj_c_e\.', '.fc1.'),
+    (r'\.proj_c_s\.', '.fc2.'),
+    (r'\.gate_unit\.pos\.token_proj_n_bias$', '.gate.token_bias'),
+    (r'\.gate_unit\.pos\.attention_centers$', '.gate.pos.centers'),
+    (r'\.gate_unit\.pos\.attention_spreads$', '.gate.pos.spreads'),
+    (r'\.gate_unit\.pos\.window_relative_position_bias_table$', '.gate.pos.table'),
+    (r'\.gate_unit\.norm_list\.0\.', '.gate.norm.'),
+    (r'\.gate_unit\.proj_list\.0\.', '.gate.proj.'),
+)
+_AUTHOR_DERIVED_BUFFERS = ('gate_unit.pos.rel_indices', 'gate_unit.pos.window_relative_position_index')
+
+
+def checkpoint_filter_fn(state_dict: dict, model: Optional[nn.Module] = None) -> dict:
+    """Adapt a checkpoint (the authors' layout or this project's) to this module's parameter names.
+
+    Accepts a whole training checkpoint too: its EMA weights are used when present, as the authors
+    evaluated with them (pick other weights with `models.create_model_from_checkpoint`).
+    """
+    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    out = {}
+    for name, value in state_dict.items():
+        name = name[len('module.'):] if name.startswith('module.') else name
+        if name.endswith(_AUTHOR_DERIVED_BUFFERS):
+            continue
+        for pattern, replacement in _AUTHOR_KEY_RENAMES:
+            name = re.sub(pattern, replacement, name)
+        out[name] = value
+    return out
+
+
+def _create_posmlp(variant: str, pretrained: bool = False, **kwargs) -> PosMLP:
+    num_stages = len(kwargs.get('depths', (1, 1, 1, 1)))
+    out_indices = kwargs.pop('out_indices', tuple(range(num_stages)))
+    return build_model_with_cfg(
+        PosMLP, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs):
+    return dict(
+        num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9, interpolation='bicubic',
+        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv='stem.conv1', classifier='head',
+        paper_ids='arXiv:2207.07284', paper_name='Parameterization of Cross-Token Relations with Relative '
+        'Positional Encoding for Vision MLP', origin_url='https://github.com/Zhicaiwww/PosMLP',
+        license='mit', **kwargs,
+    )
+
+
+default_cfgs = generate_default_cfgs({
+    'posmlp_t.in1k': _cfg(),
+    'posmlp_s.in1k': _cfg(),
+    'posmlp_b.in1k': _cfg(),
+    'posmlp_t_lrpe': _cfg(),
+    'posmlp_s_lrpe': _cfg(),
+    'posmlp_b_lrpe': _cfg(),
+    'posmlp_t_sgu': _cfg(),
+    'posmlp_s_sgu': _cfg(),
+    'posmlp_b_sgu': _cfg(),
+})
+
+_SIZES = dict(
+    t=dict(embed_dims=(96, 192, 384, 768)),
+    s=dict(embed_dims=(128, 256, 512, 1024)),
+    b=dict(embed_dims=(192, 384, 768, 1536)),
+)
+
+
+def _posmlp(size: str, variant_gate: str, pretrained: bool, **kwargs) -> PosMLP:
+    suffix = '' if variant_gate == 'gqpe' else f'_{variant_gate}'
+    model_args = dict(depths=(2, 2, 18, 2), gate=variant_gate, **_SIZES[size])
+    return _create_posmlp(f'posmlp_{size}{suffix}', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def posmlp_t(pretrained: bool = False, **kwargs) -> PosMLP:
+    """PosMLP-T (GQPE), 20.9M parameters, 82.1 top-1 in the paper."""
+    return _posmlp('t', 'gqpe', pretrained, **kwargs)
+
+
+@register_model
+def posmlp_s(pretrained: bool = False, **kwargs) -> PosMLP:
+    """PosMLP-S (GQPE), 36.8M parameters, 83.0 top-1 in the paper."""
+    return _posmlp('s', 'gqpe', pretrained, **kwargs)
+
+
+@register_model
+def posmlp_b(pretrained: bool = False, **kwargs) -> PosMLP:
+    """PosMLP-B (GQPE), 82.0M parameters, 83.6 top-1 in the paper."""
+    return _posmlp('b', 'gqpe', pretrained, **kwargs)
+
+
+@register_model
+def posmlp_t_lrpe(pretrained: bool = False, **kwargs) -> PosMLP:
+    """PosMLP-T with learnable relative positional encoding."""
+    return _posmlp('t', 'lrpe', pretrained, **kwargs)
+
+
+@register_model
+def posmlp_s_lrpe(pretrained: bool = False, **kwargs) -> PosMLP:
+    """PosMLP-S with learnable relative positional encoding."""
+    return _posmlp('s', 'lrpe', pretrained, **kwargs)
+
+
+@register_model
+def posmlp_b_lrpe(pretrained: bool = False, **kwargs) -> PosMLP:
+    """PosMLP-B with learnable relative positional encoding."""
+    return _posmlp('b', 'lrpe', pretrained, **kwargs)
+
+
+@register_model
+def posmlp_t_sgu(pretrained: bool = False, **kwargs) -> PosMLP:
+    """PosMLP-T's architecture with gMLP's spatial gating unit in each window (ablation baseline)."""
+    return _posmlp('t', 'sgu', pretrained, **kwargs)
+
+
+@register_model
+def posmlp_s_sgu(pretrained: bool = False, **kwargs) -> PosMLP:
+    """PosMLP-S's architecture with gMLP's spatial gating unit in each window (ablation baseline)."""
+    return _posmlp('s', 'sgu', pretrained, **kwargs)
+
+
+@register_model
+def posmlp_b_sgu(pretrained: bool = False, **kwargs) -> PosMLP:
+    """PosMLP-B's architecture with gMLP's spatial gating unit in each window (ablation baseline)."""
+    return _posmlp('b', 'sgu', pretrained, **kwargs)
