@@ -169,52 +169,24 @@ def mix_groups_reference(u: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     return out.reshape(B, nW, N, D)
 
 
-def mix_groups_fast(u: torch.Tensor, maps: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Group-wise token mixing plus the per-token bias as batched matrix multiplies.
-
-    u: (B, nW, N, D); bias: (N,). Returns a (B * nW, N, D // gamma, gamma) view. Every window shares
-    the group's map, so all windows and channels of a group form the columns of one
-    (N, N) @ (N, B * nW * D / gamma) product: gamma large GEMMs instead of many small ones, with the
-    bias added inside the GEMM (baddbmm).
-    """
-    B, nW, N, D = u.shape
-    gamma = maps.shape[-3]
-    J = D // gamma
-    if maps.dim() == 3:
-        cols = u.reshape(B * nW, N, J, gamma).permute(3, 1, 0, 2).reshape(gamma, N, B * nW * J)
-        out = torch.baddbmm(bias.view(1, N, 1), maps, cols).view(gamma, N, B * nW, J)
-        return out.permute(2, 1, 3, 0)
-    # Per-window maps (padded inputs): windows become a batch dimension as well.
-    cols = u.reshape(B, nW, N, J, gamma).permute(1, 4, 2, 0, 3).reshape(nW, gamma, N, B * J)
-    out = (torch.matmul(maps, cols) + bias.view(1, 1, N, 1)).view(nW, gamma, N, B, J)
-    return out.permute(3, 0, 2, 4, 1).reshape(B * nW, N, J, gamma)
-
-
 class PoSGU(nn.Module):
-    """Positional spatial gating unit: mix(u) * v, where mix uses a generated map per channel group.
+    """Positional spatial gating unit: (mix(u) + token_bias) * v, one generated map per channel group.
 
-    `impl='fast'` builds each map once per forward and caches it for inference (see `maps`);
-    `impl='reference'` is the direct form, kept readable and used to test the fast one.
+    `forward` is the direct form on (B, nW, N, 2D) tokens, rebuilding the maps on every call: the
+    readable reference. `forward_channel_major` is the fast form that `PosMLPBlock` uses.
     """
 
-    def __init__(
-            self,
-            dim: int,
-            win_size: int,
-            gamma: int,
-            pos_enc: str = 'gqpe',
-            generalized: bool = True,
-            impl: str = 'fast',
-    ):
+    def __init__(self, dim: int, win_size: int, gamma: int, pos_enc: str = 'gqpe', generalized: bool = True):
         super().__init__()
         gate_dim = dim // 2
         if dim % 2 or gate_dim % gamma:
             raise ValueError(f'PoSGU: half of the hidden width ({dim} / 2) must divide into gamma={gamma} groups.')
-        if impl not in GATE_IMPLS:
-            raise ValueError(f'PoSGU: impl={impl!r} is not one of {GATE_IMPLS}.')
-        self.impl = impl
         self.pos = GQPE(win_size, gamma, generalized) if pos_enc == 'gqpe' else LRPE(win_size, gamma)
         self.token_bias = nn.Parameter(torch.zeros(1, win_size * win_size, 1))
+        # Channel k belongs to group k % gamma; listing channels group by group makes every group a
+        # contiguous block of rows in the channel-major layout of `forward_channel_major`.
+        order = torch.arange(gate_dim).view(gate_dim // gamma, gamma).t().flatten()
+        self.register_buffer('group_major_order', order, persistent=False)
         self._cached_maps: Optional[torch.Tensor] = None
         self._cache_key: Optional[tuple] = None
 
@@ -245,14 +217,29 @@ class PoSGU(nn.Module):
 
     def forward(self, x: torch.Tensor, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         u, v = x.chunk(2, dim=-1)
-        if self.impl == 'reference':
-            mixed = mix_groups_reference(u, self.pos(invalid_tokens).to(u.dtype))
-            return (mixed + self.token_bias) * v
-        B, nW, N, D = u.shape
-        mixed = mix_groups_fast(u, self.maps(invalid_tokens).to(u.dtype), self.token_bias.view(N).to(u.dtype))
-        # v first: the product takes v's contiguous layout, so the view back needs no copy.
-        out = v.reshape(mixed.shape) * mixed
-        return out.view(B, nW, N, D)
+        mixed = mix_groups_reference(u, self.pos(invalid_tokens).to(u.dtype))
+        return (mixed + self.token_bias) * v
+
+    def forward_channel_major(
+            self,
+            u: torch.Tensor,
+            v: torch.Tensor,
+            num_windows: int,
+            invalid_tokens: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """The gate on channel-major halves u, v: (D, M), channels in `group_major_order`, tokens
+        M = (B, nW, N) flattened. Group g's rows are then a (D / gamma * B * nW, N) matrix, so the
+        mixing is one batched GEMM over groups on views, with the token bias added inside (baddbmm)."""
+        D, M = u.shape
+        maps = self.maps(invalid_tokens).to(u.dtype)
+        gamma, N = maps.shape[-3], maps.shape[-1]
+        bias = self.token_bias.view(1, 1, N).to(u.dtype)
+        if maps.dim() == 3:
+            mixed = torch.baddbmm(bias, u.view(gamma, -1, N), maps.transpose(1, 2))
+        else:  # per-window maps (padded input): windows join the batch
+            rows = u.view(gamma, -1, num_windows, N).transpose(1, 2)
+            mixed = (torch.matmul(rows, maps.transpose(0, 1).transpose(-1, -2)) + bias).transpose(1, 2)
+        return mixed.reshape(D, M) * v
 
 
 class SGU(nn.Module):
@@ -280,7 +267,13 @@ class SGU(nn.Module):
 
 
 class PosMLPBlock(nn.Module):
-    """x + DropPath(Dropout(fc2(gate(GELU(fc1(LN(x))))))) on windowed tokens (B, nW, N, C)."""
+    """x + DropPath(Dropout(fc2(gate(GELU(fc1(LN(x))))))) on windowed tokens (B, nW, N, C).
+
+    With a PoSGU gate and impl='fast' the block runs channel-major: fc1 writes (2D, tokens) with its
+    rows gathered into the gate's group-major order and fc2 reads the same order, so the group-wise
+    mixing needs no copy of the activations (only the small weights are gathered). impl='reference'
+    runs the direct form; both compute the same function of the same parameters.
+    """
 
     def __init__(
             self,
@@ -290,11 +283,13 @@ class PosMLPBlock(nn.Module):
             mlp_ratio: float = 4.,
             gate: str = 'gqpe',
             generalized: bool = True,
-            gate_impl: str = 'fast',
+            impl: str = 'fast',
             drop: float = 0.,
             drop_path: float = 0.,
     ):
         super().__init__()
+        if impl not in GATE_IMPLS:
+            raise ValueError(f'PosMLPBlock: gate_impl={impl!r} is not one of {GATE_IMPLS}.')
         hidden = int(mlp_ratio * dim)
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.fc1 = nn.Linear(dim, hidden)
@@ -302,15 +297,29 @@ class PosMLPBlock(nn.Module):
         if gate == 'sgu':
             self.gate = SGU(hidden, win_size)
         else:
-            self.gate = PoSGU(hidden, win_size, gamma, gate, generalized, gate_impl)
+            self.gate = PoSGU(hidden, win_size, gamma, gate, generalized)
         self.fc2 = nn.Linear(hidden // 2, dim)
         self.drop = nn.Dropout(drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.channel_major = impl == 'fast' and isinstance(self.gate, PoSGU)
+
+    def _forward_channel_major(self, x: torch.Tensor, invalid_tokens: Optional[torch.Tensor]) -> torch.Tensor:
+        B, nW, N, C = x.shape
+        order = self.gate.group_major_order
+        rows = torch.cat([order, order + order.numel()])
+        tokens = self.norm(x).view(-1, C)
+        h = self.act(torch.addmm(self.fc1.bias[rows, None], self.fc1.weight[rows], tokens.t()))
+        half = order.numel()
+        y = self.gate.forward_channel_major(h[:half], h[half:], nW, invalid_tokens)
+        y = torch.addmm(self.fc2.bias, y.t(), self.fc2.weight[:, order].t())
+        return y.view(B, nW, N, C)
 
     def forward(self, x: torch.Tensor, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        y = self.act(self.fc1(self.norm(x)))
-        y = self.drop(self.fc2(self.gate(y, invalid_tokens)))
-        return x + self.drop_path(y)
+        if self.channel_major:
+            y = self._forward_channel_major(x, invalid_tokens)
+        else:
+            y = self.fc2(self.gate(self.act(self.fc1(self.norm(x))), invalid_tokens))
+        return x + self.drop_path(self.drop(y))
 
 
 class ConvStem(nn.Module):
@@ -409,7 +418,8 @@ class PosMLP(nn.Module):
         win_size, gamma, depths, embed_dims, mlp_ratio: per stage.
         gate: 'gqpe' (the paper's models), 'lrpe', or 'sgu' (gMLP's gate, the ablation baseline).
         generalized: full 2x2 covariance for GQPE (the paper's default) or one scalar spread per group.
-        gate_impl: 'fast' (batched GEMMs, cached maps) or 'reference' (the direct einsum form).
+        gate_impl: 'fast' (channel-major blocks, batched GEMMs, maps cached for inference) or
+            'reference' (the direct einsum form, maps rebuilt on every call).
         drop_rate: dropout after every block's output projection and before the head.
         dynamic_img_pad: pad maps that do not divide into windows and mask the padding out of the
             mixing; when False, such inputs raise an error naming the sizes that fit.
@@ -460,7 +470,7 @@ class PosMLP(nn.Module):
             stages.append(PosMLPStage(
                 embed_dims[i - 1] if i > 0 else None, embed_dims[i], depths[i], win_size[i], gamma[i],
                 mlp_ratio[i], drop_path[i].tolist(),
-                gate=gate, generalized=generalized, gate_impl=gate_impl, drop=drop_rate,
+                gate=gate, generalized=generalized, impl=gate_impl, drop=drop_rate,
             ))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)

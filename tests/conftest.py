@@ -1,0 +1,49 @@
+"""Shared test setup: the repository root on sys.path, the authors' reference fixtures, small image folders."""
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+REFERENCE = Path(os.environ.get('POSMLP_REFERENCE', ROOT.parent / 'shared' / 'reference'))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# A small PosMLP for fast tests: four stages, 32 px input -> maps 8, 4, 2, 1 with windows 4, 2, 2, 1.
+TINY_KWARGS = dict(
+    img_size=32, embed_dims=(8, 16, 16, 32), depths=(1, 1, 1, 1), mlp_ratio=(2, 2, 2, 2),
+    gamma=(2, 2, 4, 4), win_size=(4, 2, 2, 1),
+)
+
+
+def reference_path(name: str) -> Path:
+    path = REFERENCE / name
+    if not path.exists():
+        pytest.skip(f'reference fixture {path} is not present (set POSMLP_REFERENCE)')
+    return path
+
+
+def make_image_folder(root: Path, classes=('a', 'b', 'c'), per_class=6, size=32, seed=0,
+                      splits=('train', 'val')) -> Path:
+    """ImageFolder splits of small PNGs; each class has its own colour so a model can learn it."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for ci, cls in enumerate(classes):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                base = np.zeros((size, size, 3), np.float32)
+                base[..., ci % 3] = 200
+                img = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f'{cls}_{i}.png')
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return make_image_folder(tmp_path / 'data')
