@@ -75,10 +75,16 @@ def _side_fits(side: int, win_size: Sequence[int]) -> bool:
 
 
 def valid_img_sizes(near: int, win_size: Sequence[int]) -> Tuple[Optional[int], Optional[int]]:
-    """The nearest image sides below and above `near` whose level maps all divide by the windows."""
+    """The nearest image sides below and above `near` whose level maps all divide by the windows.
+
+    The stem rounds up, so valid sides come in runs (221..224 all give 56); the top of a run, the
+    exact multiple, is the one named.
+    """
     below = next((s for s in range(near, 0, -1) if _side_fits(s, win_size)), None)
     step = 2 ** (len(win_size) + 1) * math.lcm(*win_size)
-    above = next((s for s in range(near, near + step + 1) if _side_fits(s, win_size)), None)
+    above = next((s for s in range(near + 1, near + step + 1) if _side_fits(s, win_size)), None)
+    while above is not None and _side_fits(above + 1, win_size):
+        above += 1
     return below, above
 
 
@@ -463,13 +469,14 @@ class PosMLP(nn.Module):
             self.check_input_size(self.img_size)
 
         self.stem = ConvStem(in_chans, embed_dims[0])
-        drop_path = torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))
+        total = sum(depths)
+        drop_path = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         stages = []
         self.feature_info = []
         for i in range(num_stages):
             stages.append(PosMLPStage(
                 embed_dims[i - 1] if i > 0 else None, embed_dims[i], depths[i], win_size[i], gamma[i],
-                mlp_ratio[i], drop_path[i].tolist(),
+                mlp_ratio[i], drop_path[sum(depths[:i]):sum(depths[:i + 1])],
                 gate=gate, generalized=generalized, impl=gate_impl, drop=drop_rate,
             ))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))

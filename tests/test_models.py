@@ -1,0 +1,271 @@
+"""The model family: registry, exact parameter counts, the authors' fixtures, timm conventions."""
+import json
+import os
+
+import pytest
+import timm
+import torch
+
+import models
+from models import CheckpointError
+from models.posmlp import GQPE, LRPE, relative_offsets
+from conftest import TINY_KWARGS, reference_path
+
+FIXTURES = ('gqpe_tiny', 'lrpe_tiny')
+
+
+def fixture_kwargs(name):
+    cfg = json.loads(reference_path(f'{name}_config.json').read_text())
+    return dict(
+        embed_dims=cfg['embed_dims'], depths=cfg['depths'], mlp_ratio=cfg['mlp_ratio'], gamma=cfg['gamma'],
+        win_size=cfg['win_size'], num_classes=cfg['num_classes'],
+        gate='gqpe' if cfg['quadratic'] else 'lrpe', generalized=cfg.get('generalized', True),
+    )
+
+
+def fixture_io(name):
+    return torch.load(reference_path(f'{name}_io.pt'), map_location='cpu', weights_only=True)
+
+
+@pytest.mark.parametrize('name,count', [
+    ('posmlp_t', 20_925_538), ('posmlp_s', 36_816_450), ('posmlp_b', 81_976_834),
+])
+def test_parameter_counts_match_the_authors(name, count):
+    with torch.device('meta'):
+        model = timm.create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_registry_lists_every_variant():
+    expected = {f'posmlp_{s}{g}' for s in 'tsb' for g in ('', '_lrpe', '_sgu')}
+    assert set(timm.list_models('posmlp*')) == expected
+    for name in expected:
+        with torch.device('meta'):
+            model = timm.create_model(name, num_classes=7)
+        gate = name.split('_')[2] if name.count('_') == 2 else 'gqpe'
+        block = model.stages[0].blocks[0]
+        assert type(block.gate).__name__ == ('SGU' if gate == 'sgu' else 'PoSGU')
+        if gate != 'sgu':
+            assert isinstance(block.gate.pos, GQPE if gate == 'gqpe' else LRPE)
+        assert model.num_classes == 7 and model.pretrained_cfg['crop_pct'] == 0.9
+
+
+def test_gate_is_a_model_argument():
+    with torch.device('meta'):
+        model = timm.create_model('posmlp_t', gate='lrpe')
+        plain = timm.create_model('posmlp_t', generalized=False)
+    assert isinstance(model.stages[2].blocks[0].gate.pos, LRPE)
+    assert plain.stages[0].blocks[0].gate.pos.spreads.shape == (8,)
+
+
+@pytest.mark.parametrize('name', FIXTURES)
+@pytest.mark.parametrize('use_ema', [False, True])
+@pytest.mark.parametrize('impl', ['fast', 'reference'])
+def test_fixture_logits_through_project_loader(name, use_ema, impl):
+    io = fixture_io(name)
+    model = models.create_model_from_checkpoint(
+        str(reference_path(f'{name}_original_checkpoint.pth.tar')), use_ema=use_ema, gate_impl=impl).eval()
+    with torch.no_grad():
+        logits = model(io['input'])
+    torch.testing.assert_close(logits, io['logits_ema' if use_ema else 'logits'], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('name', FIXTURES)
+def test_fixture_logits_through_timm_pretrained(name, tmp_path):
+    io = fixture_io(name)
+    original = reference_path(f'{name}_original_checkpoint.pth.tar')
+    kwargs = fixture_kwargs(name)
+    overlay = dict(file=str(original), num_classes=kwargs['num_classes'])
+    model = timm.create_model('posmlp_t', pretrained=True, pretrained_cfg_overlay=overlay, **kwargs).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(io['input']), io['logits_ema'], atol=1e-4, rtol=0)
+
+    # A checkpoint without EMA weights gives its live weights on the same path.
+    raw = models.load_checkpoint_file(str(original))
+    live_only = tmp_path / 'live.pth.tar'
+    torch.save({'state_dict': raw['state_dict']}, live_only)
+    overlay['file'] = str(live_only)
+    model = timm.create_model('posmlp_t', pretrained=True, pretrained_cfg_overlay=overlay, **kwargs).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(io['input']), io['logits'], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('name', FIXTURES)
+def test_architecture_is_read_off_the_authors_weights(name):
+    loaded = models.read_checkpoint(str(reference_path(f'{name}_original_checkpoint.pth.tar')))
+    inferred = models.infer_model_kwargs(loaded.state_dict)
+    expected = fixture_kwargs(name)
+    for key in ('embed_dims', 'depths', 'mlp_ratio', 'gamma', 'win_size'):
+        assert list(inferred[key]) == list(expected[key]), key
+    assert inferred['gate'] == expected['gate'] and inferred['num_classes'] == expected['num_classes']
+    assert loaded.weights == 'state_dict_ema'
+
+
+def test_rebuilt_position_buffers_equal_the_authors():
+    raw = models.load_checkpoint_file(str(reference_path('gqpe_tiny_original_checkpoint.pth.tar')))['state_dict']
+    gqpe = GQPE(14, 8)
+    torch.testing.assert_close(gqpe.rel_features, raw['levels.0.encoder.0.gate_unit.pos.rel_indices'])
+    raw = models.load_checkpoint_file(str(reference_path('lrpe_tiny_original_checkpoint.pth.tar')))['state_dict']
+    lrpe = LRPE(14, 8)
+    assert torch.equal(lrpe.rel_index, raw['levels.0.encoder.0.gate_unit.pos.window_relative_position_index'])
+    dx, dy = relative_offsets(3)
+    assert dx[0, 1] == 1 and dy[0, 3] == -1  # token 1 is right of token 0; token 3 is below it
+
+
+def test_features_only_returns_the_four_level_maps():
+    model = timm.create_model('posmlp_t', features_only=True).eval()
+    assert model.feature_info.channels() == [96, 192, 384, 768]
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, 224, 224))
+    assert [tuple(f.shape) for f in feats] == [(1, 96, 56, 56), (1, 192, 28, 28), (1, 384, 14, 14), (1, 768, 7, 7)]
+
+
+def test_timm_model_interface():
+    model = timm.create_model('posmlp_t', num_classes=5, **TINY_KWARGS).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (2, 32, 1, 1)
+        assert model.forward_head(feats, pre_logits=True).shape == (2, model.num_features)
+        torch.testing.assert_close(model.forward_head(feats), model(x))
+    assert model.get_classifier().out_features == 5
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3)
+    model.reset_classifier(0, '')
+    assert model(x).shape == (2, 32, 1, 1)
+    no_decay = model.no_weight_decay()
+    names = dict(model.named_parameters())
+    assert no_decay and all(n in names for n in no_decay)
+    assert any(n.endswith('gate.pos.centers') for n in no_decay) and any(n.endswith('token_bias') for n in no_decay)
+
+
+@pytest.mark.parametrize('gate', ['gqpe', 'lrpe', 'sgu'])
+@pytest.mark.parametrize('impl', ['fast', 'reference'])
+def test_every_parameter_gets_a_gradient(gate, impl):
+    # Windows of at least 2x2 everywhere: a 1-token window's softmax is constant.
+    kwargs = dict(TINY_KWARGS, img_size=64, win_size=(4, 4, 2, 2))
+    model = timm.create_model('posmlp_t', gate=gate, gate_impl=impl, num_classes=4, **kwargs)
+    model(torch.randn(2, 3, 64, 64)).logsumexp(-1).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = timm.create_model('posmlp_t', num_classes=4, **TINY_KWARGS)
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[n], atol=1e-6, rtol=1e-5)
+
+
+def test_drop_path_grows_linearly_over_all_blocks():
+    with torch.device('meta'):
+        model = timm.create_model('posmlp_t', drop_path_rate=0.1)
+    rates = [b.drop_path.drop_prob if hasattr(b.drop_path, 'drop_prob') else 0.
+             for s in model.stages for b in s.blocks]
+    assert len(rates) == 24 and rates[0] == 0 and abs(rates[-1] - 0.1) < 1e-7
+    assert all(b > a for a, b in zip(rates, rates[1:]))
+
+
+def test_input_size_error_names_sizes_that_fit():
+    model = timm.create_model('posmlp_t', dynamic_img_pad=False).eval()
+    with pytest.raises(ValueError, match=r'256x256.*224 and 448.*dynamic_img_pad=True'):
+        model(torch.randn(1, 3, 256, 256))
+    with pytest.raises(ValueError, match='224 and 448'):
+        timm.create_model('posmlp_t', img_size=256, dynamic_img_pad=False)
+    tiny = timm.create_model('posmlp_t', dynamic_img_pad=False, **TINY_KWARGS).eval()
+    for side in (32, 64):  # every size whose level maps divide by the windows works
+        assert tiny(torch.randn(1, 3, side, side)).shape == (1, 1000)
+
+
+def _save_project_checkpoint(model, path, model_name, model_kwargs, ema=None):
+    models.save_checkpoint_file(dict(
+        epoch=3, model_name=model_name, model_kwargs=model_kwargs, state_dict=model.state_dict(),
+        state_dict_ema=ema, args=dict(lr=0.1, model=model_name), metric=50.0, version=2), str(path))
+
+
+def test_project_checkpoint_round_trip(tmp_path):
+    kwargs = dict(TINY_KWARGS, num_classes=4, gate='lrpe')
+    model = timm.create_model('posmlp_t', **kwargs).eval()
+    ema = timm.create_model('posmlp_t', **kwargs).state_dict()
+    path = tmp_path / 'ckpt.pth.tar'
+    _save_project_checkpoint(model, path, 'posmlp_t', kwargs, ema)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        live = models.create_model_from_checkpoint(str(path), use_ema=False).eval()
+        torch.testing.assert_close(live(x), model(x))
+        default = models.create_model_from_checkpoint(str(path)).eval()
+        reference = timm.create_model('posmlp_t', **kwargs).eval()
+        reference.load_state_dict(ema)
+        torch.testing.assert_close(default(x), reference(x))
+        overlay = dict(file=str(path), num_classes=4)
+        via_timm = timm.create_model('posmlp_t', pretrained=True, pretrained_cfg_overlay=overlay, **kwargs).eval()
+        torch.testing.assert_close(via_timm(x), reference(x))
+
+
+def test_checkpoint_of_another_architecture_names_the_keys(tmp_path):
+    model = timm.create_model('posmlp_t', num_classes=4, **TINY_KWARGS)
+    path = tmp_path / 'tiny.pth.tar'
+    _save_project_checkpoint(model, path, 'posmlp_t', dict(TINY_KWARGS, num_classes=4))
+    with pytest.raises(CheckpointError, match=r'missing keys: .*unexpected keys: '):
+        models.create_model_from_checkpoint(str(path), model_name='posmlp_t', num_classes=4,
+                                            **dict(TINY_KWARGS, depths=(1, 1, 2, 1)), gate='sgu')
+
+
+def test_head_of_another_class_count_needs_finetune(tmp_path, caplog):
+    model = timm.create_model('posmlp_t', num_classes=4, **TINY_KWARGS)
+    path = tmp_path / 'tiny.pth.tar'
+    _save_project_checkpoint(model, path, 'posmlp_t', dict(TINY_KWARGS, num_classes=4))
+    with pytest.raises(CheckpointError, match='4-class head.*finetune=True'):
+        models.create_model_from_checkpoint(str(path), num_classes=9)
+    finetuned = models.create_model_from_checkpoint(str(path), num_classes=9, finetune=True)
+    assert finetuned.head.out_features == 9 and 'head dropped' in caplog.text
+    torch.testing.assert_close(finetuned.stem.conv1.weight, model.stem.conv1.weight)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, 'w'))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / 'code_ran'
+    path = tmp_path / 'evil.pth.tar'
+    model = timm.create_model('posmlp_t', num_classes=4, **TINY_KWARGS)
+    torch.save({'state_dict': model.state_dict(), 'payload': _RunsCode(str(marker))}, path)
+    with pytest.raises(CheckpointError, match='run code'):
+        models.create_model_from_checkpoint(str(path))
+    overlay = dict(file=str(path), num_classes=4)
+    with pytest.raises(Exception, match='(?i)weights.only'):
+        timm.create_model('posmlp_t', pretrained=True, pretrained_cfg_overlay=overlay, num_classes=4, **TINY_KWARGS)
+    assert not marker.exists()
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match='does not exist'):
+        models.create_model_from_checkpoint(str(tmp_path / 'nope.pth.tar'))
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / 'last.pth.tar'
+    models.save_checkpoint_file({'epoch': 1}, str(path))
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b'partial')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, 'save', crash)
+    with pytest.raises(KeyboardInterrupt):
+        models.save_checkpoint_file({'epoch': 2}, str(path))
+    monkeypatch.undo()
+    assert models.load_checkpoint_file(str(path)) == {'epoch': 1}
+    assert os.listdir(tmp_path) == ['last.pth.tar']
