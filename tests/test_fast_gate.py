@@ -1,0 +1,125 @@
+"""The fast PoSGU form against the direct reference form: same function, same gradients, cached maps."""
+import pytest
+import timm
+import torch
+
+import models  # noqa: F401  (registers the models)
+from models.posmlp import PoSGU
+from conftest import TINY_KWARGS
+
+# 64 px, windows of 2x2 or more: every map has something to mix, so every parameter matters.
+KWARGS = dict(TINY_KWARGS, img_size=64, win_size=(4, 4, 2, 2), num_classes=5)
+VARIANTS = [dict(gate='gqpe'), dict(gate='gqpe', generalized=False), dict(gate='lrpe')]
+
+
+def perturbed_pair(**kwargs):
+    """A fast and a reference model holding the same weights, moved away from their initial values."""
+    torch.manual_seed(0)
+    fast = timm.create_model('posmlp_t', gate_impl='fast', **dict(KWARGS, **kwargs))
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    reference = timm.create_model('posmlp_t', gate_impl='reference', **dict(KWARGS, **kwargs))
+    reference.load_state_dict(fast.state_dict())
+    return fast, reference
+
+
+def relative_error(a, b, floor):
+    """|a - b| / |b|, with |b| floored: a conv bias feeding BatchNorm in training has a true gradient of
+    zero, so its computed gradient is rounding noise that no relative comparison can judge."""
+    return ((a - b).norm() / b.norm().clamp_min(floor)).item()
+
+
+@pytest.mark.parametrize('variant', VARIANTS, ids=lambda v: '-'.join(map(str, v.values())))
+@pytest.mark.parametrize('training', [False, True])
+@pytest.mark.parametrize('side', [64, 72])  # 72 does not divide into the windows: padded path
+def test_fast_and_reference_agree(variant, training, side):
+    fast, reference = perturbed_pair(**variant)
+    fast.train(training)
+    reference.train(training)
+    x = torch.randn(3, 3, side, side)
+    out_fast, out_ref = fast(x), reference(x)
+    assert (out_fast - out_ref).abs().max().item() <= 1e-4
+    out_fast.square().sum().backward()
+    out_ref.square().sum().backward()
+    ref_grads = {n: p.grad for n, p in reference.named_parameters()}
+    floor = 1e-3 * torch.stack([g.norm() for g in ref_grads.values()]).norm()
+    for name, p in fast.named_parameters():
+        assert relative_error(p.grad, ref_grads[name], floor) < 1e-4, name
+
+
+def gates(model):
+    return [m for m in model.modules() if isinstance(m, PoSGU)]
+
+
+def test_maps_are_cached_for_inference_and_invalidated():
+    fast, reference = perturbed_pair()
+    fast.eval()
+    reference.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fast(x)
+        cached = [g._cached_maps for g in gates(fast)]
+        fast(x)
+        assert all(a is g._cached_maps for a, g in zip(cached, gates(fast)))
+
+    # An optimizer step changes the parameters in place: the next inference must see it.
+    optimizer = torch.optim.SGD(fast.parameters(), lr=0.5)
+    fast.train()
+    fast(x).square().sum().backward()
+    optimizer.step()
+    fast.eval()
+    reference.load_state_dict(fast.state_dict())
+    with torch.no_grad():
+        assert (fast(x) - reference(x)).abs().max() <= 1e-4
+
+    # Loading a state dict, too.
+    fresh, _ = perturbed_pair(gate='gqpe')
+    with torch.no_grad():
+        fresh.stages[0].blocks[0].gate.pos.centers.add_(1.0)
+    fast.load_state_dict(fresh.state_dict())
+    reference.load_state_dict(fresh.state_dict())
+    with torch.no_grad():
+        assert (fast(x) - reference(x)).abs().max() <= 1e-4
+
+    fast.train()
+    assert all(g._cached_maps is None for g in gates(fast))
+
+
+def test_no_cache_when_gradients_can_flow():
+    fast, _ = perturbed_pair()
+    fast.eval()
+    fast(torch.randn(1, 3, 64, 64)).sum().backward()
+    assert all(g._cached_maps is None for g in gates(fast))
+    assert all(g.pos.centers.grad is not None for g in gates(fast))
+
+
+def test_whole_model_compiles_without_graph_breaks():
+    model = timm.create_model('posmlp_t', gate_impl='fast', **KWARGS)
+    # fullgraph=True turns any graph break into an error; the eager backend keeps the test quick.
+    compiled = torch.compile(model, fullgraph=True, backend='eager', dynamic=False)
+    x = torch.randn(2, 3, 64, 64)
+    compiled(x).sum().backward()  # training graph, forward and backward
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    # A padded input compiles too.
+    with torch.no_grad():
+        compiled(torch.randn(1, 3, 72, 72))
+
+
+@pytest.mark.parametrize('gate', ['gqpe', 'lrpe'])
+def test_softmax_stays_float32_under_autocast(gate):
+    fast, reference = perturbed_pair(gate=gate)
+    fast.eval()
+    map_dtypes = []
+    for g in gates(fast):
+        g.pos.register_forward_hook(lambda module, args, out: map_dtypes.append(out.dtype))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = reference.eval()(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = fast(x)
+    assert out.dtype == torch.bfloat16
+    assert map_dtypes and all(d == torch.float32 for d in map_dtypes)
+    assert (out.float() - expected).abs().max() < 0.1 * expected.abs().max()
