@@ -513,9 +513,9 @@ class PosMLP(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self):
-        """Positional parameters (map generators and token bias) are kept out of weight decay, like
-        relative position tables in Swin; norms and biases are excluded by timm as 1-D parameters."""
-        return {n for n, _ in self.named_parameters() if '.gate.pos.' in n or n.endswith('gate.token_bias')}
+        """Nothing beyond timm's default (1-D parameters and biases): the authors' recipe decays the
+        positional parameters (GQPE centres/spreads, LRPE tables, token bias) like any weight."""
+        return set()
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import timm
+import timm.optim
 import torch
 
 import models
@@ -134,10 +135,19 @@ def test_timm_model_interface():
     assert model(x).shape == (2, 3)
     model.reset_classifier(0, '')
     assert model(x).shape == (2, 32, 1, 1)
-    no_decay = model.no_weight_decay()
-    names = dict(model.named_parameters())
-    assert no_decay and all(n in names for n in no_decay)
-    assert any(n.endswith('gate.pos.centers') for n in no_decay) and any(n.endswith('token_bias') for n in no_decay)
+
+
+def test_weight_decay_groups_follow_the_authors_recipe():
+    """As in the authors' training, positional parameters are decayed; norms and biases are not."""
+    model = timm.create_model('posmlp_t', **TINY_KWARGS)
+    optimizer = timm.optim.create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05)
+    decay_of = {id(p): g['weight_decay'] for g in optimizer.param_groups for p in g['params']}
+    params = dict(model.named_parameters())
+    for name in ('stages.0.blocks.0.gate.pos.centers', 'stages.0.blocks.0.gate.pos.spreads',
+                 'stages.0.blocks.0.gate.token_bias', 'stages.0.blocks.0.fc1.weight'):
+        assert decay_of[id(params[name])] == 0.05, name
+    for name in ('stages.0.blocks.0.fc1.bias', 'stages.0.blocks.0.norm.weight', 'stem.norm1.weight'):
+        assert decay_of[id(params[name])] == 0.0, name
 
 
 @pytest.mark.parametrize('gate', ['gqpe', 'lrpe', 'sgu'])
