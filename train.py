@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""Train PosMLP: the paper's ImageNet recipe on GPUs, or the quickstart on a CPU.
+
+    python train.py -c configs/quickstart.yaml
+    ./distributed_train.sh 8 /path/to/imagenet -c configs/posmlp_t.yaml
+
+Options: `python train.py --help`. The epoch loops are in utils/engine.py; checkpoints, resuming and
+the kept files in utils/checkpointing.py; data in utils/data.py.
+"""
+import logging
+import os
+import sys
+import time
+import warnings
+
+import timm
+import torch
+import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.utils import ModelEmaV3, distribute_bn, random_seed, trim_summary
+from torch.nn.parallel import DistributedDataParallel
+
+import models
+from models import CheckpointError
+from utils.amp import resolve_precision
+from utils.args import OptionError, parse_train_args, plain_args, write_args_yaml
+from utils.checkpointing import CheckpointKeeper, resume_training, training_state
+from utils.data import (
+    DataError, build_loader, create_eval_transform, create_train_transform, create_training_datasets,
+    num_classes_of, resolve_input_config, unreadable_count,
+)
+from utils.digits import prepare_digits
+from utils.distributed import barrier, init_runtime, shutdown
+from utils.engine import NonFiniteLossError, TrainSettings, evaluate, train_one_epoch, updates_per_epoch
+from utils.outputs import (
+    LOG_FILE, SUMMARY_FILE, WandbLogger, append_summary, format_metrics, run_folder, setup_logging, summary_row,
+)
+
+_logger = logging.getLogger('train')
+
+# DDP compares gradient and parameter strides literally; grouped-conv weights of shape (C, 1, 3, 3) differ
+# only in the stride of their size-1 dimension, which is the same memory layout.
+warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
+
+
+def model_kwargs_from_args(args, num_classes: int) -> dict:
+    """The arguments the model is built with; saved in checkpoints so it can be rebuilt by name."""
+    kwargs = dict(num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
+    if args.img_size:
+        kwargs['img_size'] = args.img_size
+    if args.in_chans:
+        kwargs['in_chans'] = args.in_chans
+    kwargs.update(args.model_kwargs)
+    return kwargs
+
+
+def training_loss(args, mixup_active: bool) -> nn.Module:
+    if args.bce_loss:
+        return BinaryCrossEntropy(smoothing=0. if mixup_active else args.smoothing)
+    if mixup_active:
+        return SoftTargetCrossEntropy()  # mixup already smooths the soft targets
+    if args.smoothing:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def train(args):
+    runtime = init_runtime(args.device, args.dist_backend)
+    output_dir = run_folder(args)
+    if runtime.is_primary:
+        os.makedirs(output_dir, exist_ok=True)
+    setup_logging(os.path.join(output_dir, LOG_FILE), runtime.is_primary)
+    _logger.info(f'Training on {runtime.device}, {runtime.world_size} process(es); output in {output_dir}')
+    recipe = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', f'{args.model}.yaml')
+    if not args.config and os.path.isfile(recipe):
+        _logger.info(f'No -c given: {recipe} holds the paper\'s full recipe for {args.model} (EMA, AMP, its lr '
+                     f'and batch size); pass it with -c to use it.')
+    random_seed(args.seed, runtime.rank)
+
+    # Data: the splits, and the number of classes they hold.
+    dataset = args.dataset
+    if dataset == 'digits':
+        if runtime.is_primary:
+            prepare_digits(args.data_dir)
+        barrier(runtime)
+        dataset = ''
+    train_set, val_set = create_training_datasets(
+        dataset, args.data_dir, args.train_split, args.val_split, args.max_bad_images)
+    num_classes = args.num_classes or num_classes_of(train_set)
+
+    # Model, optionally starting from other weights (fine-tuning re-initialises a head of another size).
+    model_kwargs = model_kwargs_from_args(args, num_classes)
+    try:
+        model = timm.create_model(args.model, **model_kwargs)
+    except (TypeError, ValueError) as e:
+        raise OptionError(f'cannot build {args.model} with {model_kwargs}: {e}. Check --model-kwargs '
+                          f'(and --img-size, --drop, --drop-path).') from None
+    if args.initial_checkpoint:
+        loaded = models.read_checkpoint(args.initial_checkpoint)
+        models.load_weights(model, loaded.state_dict, f'{args.initial_checkpoint} ({loaded.weights})', finetune=True)
+        _logger.info(f'Initial weights: {loaded.weights} of {args.initial_checkpoint}')
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    _logger.info(f'Model {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters), '
+                 f'{num_classes} classes, kwargs {model_kwargs}')
+
+    # Transforms follow the model's data config unless the options override it.
+    data_config = resolve_input_config(
+        {k: getattr(args, k) for k in ('input_size', 'img_size', 'in_chans', 'crop_pct', 'mean', 'std', 'interpolation')},
+        model)
+    train_set.transform = create_train_transform(args, data_config)
+    val_set.transform = create_eval_transform(data_config)
+    _logger.info(f'Data {args.data_dir}: {len(train_set)} train and {len(val_set)} val images, config {data_config}')
+
+    model.to(runtime.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.sync_bn and runtime.distributed:
+        if runtime.device.type == 'cuda':
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            _logger.warning('--sync-bn needs GPUs (torch has no SyncBatchNorm on the CPU); BatchNorm stays per process.')
+
+    # Optimizer, precision, EMA and schedule.
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(args))
+    model, optimizer, precision = resolve_precision(
+        runtime.device, amp=args.amp or args.native_amp, apex=args.apex_amp, amp_dtype=args.amp_dtype,
+        model=model, optimizer=optimizer, announce=runtime.is_primary)
+    model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) if args.model_ema else None
+    train_loader = build_loader(train_set, args.batch_size, True, runtime, args.workers, args.pin_mem, args.seed)
+    val_loader = build_loader(val_set, args.validation_batch_size or args.batch_size, False, runtime, args.workers,
+                              args.pin_mem)
+    steps = len(train_loader) if args.max_steps_per_epoch <= 0 else min(len(train_loader), args.max_steps_per_epoch)
+    if steps == 0:
+        raise DataError(f'{len(train_set)} training images make no full batch of {args.batch_size} per process; '
+                        f'lower -b/--batch-size.')
+    updates = updates_per_epoch(steps, args.grad_accum_steps)
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'), updates_per_epoch=updates)
+
+    start_epoch = 0
+    if args.resume:
+        start_epoch = resume_training(args.resume, model, optimizer, scheduler, precision.loss_scaler, model_ema)
+        if scheduler is not None and start_epoch > 0:
+            if args.sched_on_updates:
+                scheduler.step_update(start_epoch * updates)
+            else:
+                scheduler.step(start_epoch)
+
+    if args.torchcompile:
+        model = torch.compile(model, backend=args.torchcompile)
+    eval_model = model
+    if runtime.distributed:
+        model = DistributedDataParallel(
+            model, device_ids=[runtime.local_rank] if runtime.device.type == 'cuda' else None)
+
+    # Mixup/cutmix make soft targets; the loss follows.
+    mixup = None
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                      prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                      label_smoothing=args.smoothing, num_classes=num_classes)
+    loss_fn = training_loss(args, mixup is not None).to(runtime.device)
+    settings = TrainSettings(
+        steps=steps, grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad or None,
+        clip_mode=args.clip_mode, channels_last=args.channels_last, log_interval=args.log_interval,
+        autocast=precision.autocast, loss_scaler=precision.loss_scaler, mixup=mixup)
+
+    keeper, wandb_logger, summary_path = None, None, os.path.join(output_dir, SUMMARY_FILE)
+    if runtime.is_primary:
+        write_args_yaml(args, os.path.join(output_dir, 'args.yaml'))
+        keeper = CheckpointKeeper(output_dir, args.checkpoint_hist, decreasing=args.eval_metric == 'loss')
+        if start_epoch > 0:
+            keeper.restore(start_epoch - 1)
+        trim_summary(summary_path, start_epoch)
+        wandb_logger = WandbLogger(args.log_wandb, plain_args(args), output_dir)
+    ranked_by = f'{"EMA" if args.best_from_ema else "eval"} {args.eval_metric}'
+    _logger.info(f'Precision: {precision.description}. Epochs {start_epoch}..{num_epochs - 1}, {steps} steps '
+                 f'and {updates} updates each; checkpoints ranked by {ranked_by}.')
+
+    num_updates = start_epoch * updates
+    for epoch in range(start_epoch, num_epochs):
+        epoch_start = time.time()
+        if runtime.distributed:
+            train_loader.sampler.set_epoch(epoch)
+        if mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            mixup.mixup_enabled = False
+        train_metrics, num_updates = train_one_epoch(
+            epoch, model, train_loader, optimizer, loss_fn, runtime, settings,
+            scheduler=scheduler, model_ema=model_ema, num_updates=num_updates)
+        if runtime.distributed and args.dist_bn:
+            distribute_bn(model, runtime.world_size, args.dist_bn == 'reduce')
+        eval_metrics = evaluate(eval_model, val_loader, runtime, precision.autocast, args.channels_last)
+        ema_metrics = None
+        if model_ema is not None:
+            ema_metrics = evaluate(model_ema.module, val_loader, runtime, precision.autocast, args.channels_last)
+        metric = (ema_metrics if args.best_from_ema else eval_metrics)[args.eval_metric]
+        if scheduler is not None:
+            scheduler.step(epoch + 1, metric)
+
+        if runtime.is_primary:
+            is_best = keeper.save(training_state(
+                epoch, args.model, model_kwargs, model, optimizer, scheduler, precision.loss_scaler, model_ema,
+                plain_args(args), metric))
+            row = summary_row(epoch, train_metrics['lr'], train_metrics, eval_metrics, ema_metrics)
+            append_summary(summary_path, row)
+            wandb_logger.log(row)
+            bad = unreadable_count(train_set) + unreadable_count(val_set)
+            _logger.info(
+                f'Epoch {epoch} done in {time.time() - epoch_start:.1f}s: train loss {train_metrics["loss"]:.4f} | '
+                f'eval {format_metrics(eval_metrics)}'
+                + (f' | ema {format_metrics(ema_metrics)}' if ema_metrics else '')
+                + f' | {ranked_by} {metric:.3f}{" (new best)" if is_best else ""}'
+                + (f' | {bad} unreadable images skipped' if bad else ''))
+
+    if runtime.is_primary and keeper.best is not None:
+        best_metric, best_epoch = keeper.best
+        _logger.info(f'Best {ranked_by}: {best_metric:.3f} at epoch {best_epoch}, saved in '
+                     f'{keeper.path("model_best.pth.tar")}')
+
+
+def main(argv=None) -> int:
+    args = parse_train_args(argv)
+    try:
+        train(args)
+    except (DataError, CheckpointError, NonFiniteLossError, OptionError) as e:
+        logging.getLogger('train').error(f'Stopped: {e}')
+        return 1
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""train.py's options, and YAML config files (`-c FILE`) that set their defaults.
+
+Precedence: built-in defaults < config file < command line. A config key is an option's name with
+dashes or underscores (`drop_path: 0.1`, `model-ema: true`); an unknown key is an error, and string
+values are converted with the option's type (YAML reads `2e-3` as a string). The run's `args.yaml`
+is itself a valid config.
+"""
+import argparse
+import os
+from typing import Any, Dict, List, Optional
+
+import timm
+import yaml
+from timm.utils import ParseKwargs
+
+import models  # noqa: F401  (registers the PosMLP models with timm)
+
+class OptionError(ValueError):
+    """Options that cannot work together or with this machine; the message says what to change."""
+
+
+# Keys of args.yaml that record the run rather than set an option.
+CONFIG_IGNORED_KEYS = ('config',)
+
+
+def plain(value: Any) -> Any:
+    """Tuples become lists all the way down, so the value is plain YAML / weights-only data."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def plain_args(args: argparse.Namespace) -> Dict[str, Any]:
+    return plain(vars(args))
+
+
+def write_args_yaml(args: argparse.Namespace, path: str):
+    with open(path, 'w') as f:
+        yaml.safe_dump(plain_args(args), f, sort_keys=False)
+
+
+def _is_flag(action: argparse.Action) -> bool:
+    return action.nargs == 0
+
+
+def _convert(parser, path: str, key: str, action: argparse.Action, value: Any) -> Any:
+    if value is None:
+        return None
+    if _is_flag(action):
+        if not isinstance(value, bool):
+            parser.error(f'config {path}: {key} is an on/off option; give it true or false, not {value!r}.')
+        return value
+    if isinstance(action, ParseKwargs):
+        if not isinstance(value, dict):
+            parser.error(f'config {path}: {key} must be a mapping of keyword arguments, e.g. '
+                         f'{{depths: [2, 2, 6, 2]}}, not {value!r}.')
+        return value
+    many = action.nargs not in (None, '?')
+    items = value if isinstance(value, list) else [value]
+    if not many and isinstance(value, list):
+        parser.error(f'config {path}: {key} takes one value, not a list ({value!r}).')
+    converted = []
+    for item in items:
+        if action.type is not None and isinstance(item, str):
+            try:
+                item = action.type(item)
+            except (TypeError, ValueError):
+                parser.error(f'config {path}: {key}: {item!r} is not a valid {getattr(action.type, "__name__", "value")}.')
+        if action.choices is not None and item not in action.choices:
+            parser.error(f'config {path}: {key}: {item!r} is not one of {", ".join(map(str, action.choices))}.')
+        converted.append(item)
+    return converted if many else converted[0]
+
+
+def config_defaults(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
+    """The defaults a YAML config file sets, checked against the parser's options."""
+    if not os.path.isfile(path):
+        parser.error(f'config file {path} does not exist; check the path (the configs are in configs/).')
+    with open(path) as f:
+        try:
+            config = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            parser.error(f'config {path} is not valid YAML: {e}')
+    if not isinstance(config, dict):
+        parser.error(f'config {path} must be a mapping of option: value, not a {type(config).__name__}.')
+    actions = {a.dest: a for a in parser._actions if a.dest != argparse.SUPPRESS}
+    defaults = {}
+    for key, value in config.items():
+        dest = str(key).replace('-', '_')
+        if dest in CONFIG_IGNORED_KEYS:
+            continue
+        if dest not in actions:
+            parser.error(f'config {path}: unknown key {key!r}; it is not an option of {parser.prog} '
+                         f'(see {parser.prog} --help for the option names).')
+        defaults[dest] = _convert(parser, path, key, actions[dest], value)
+    return defaults
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse `argv` with defaults from the file that `-c/--config` names, if any."""
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument('-c', '--config', default='')
+    known, remaining = config_parser.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**config_defaults(parser, known.config))
+    args = parser.parse_args(remaining)
+    args.config = known.config
+    return args
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='train.py',
+        description='Train PosMLP (or any timm model) on an image folder, on CPU, one GPU, or many with '
+                    'torchrun (distributed_train.sh). Defaults follow the paper\'s PosMLP-T recipe except '
+                    'that EMA and AMP are opt-in; configs/posmlp_{t,s,b}.yaml hold the full recipes.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('-c', '--config', default='', metavar='FILE',
+                        help='YAML file of option defaults; command-line options override it')
+
+    group = parser.add_argument_group('Data')
+    group.add_argument('data', nargs='?', metavar='DIR', help='data root (same as --data-dir)')
+    group.add_argument('--data-dir', default='', metavar='DIR',
+                       help='data root: ImageNet layout, train/ and val/ (or validation/), one folder per class')
+    group.add_argument('--dataset', default='', metavar='NAME',
+                       help="'' for an image folder; 'digits' for scikit-learn's digits, written as an image "
+                            "folder into the data dir on first use; or any timm dataset spec (torch/cifar10, ...)")
+    group.add_argument('--train-split', default='train', help='training split (folder name)')
+    group.add_argument('--val-split', default='validation',
+                       help='validation split for timm dataset specs (image folders use val/ or validation/)')
+    group.add_argument('--num-classes', type=int, default=None,
+                       help='classes of the model head (default: the number of class folders in train/)')
+    group.add_argument('--in-chans', type=int, default=None, help='image channels (default: 3)')
+    group.add_argument('--max-bad-images', type=int, default=None, metavar='N',
+                       help='unreadable images that are skipped (with a warning each) before the run stops '
+                            '(default: 1%% of the split)')
+    group.add_argument('-j', '--workers', type=int, default=min(4, os.cpu_count() or 1),
+                       help='data loading processes per training process')
+    group.add_argument('--pin-mem', action='store_true', help='pin CPU memory of batches (CUDA)')
+
+    group = parser.add_argument_group('Model')
+    group.add_argument('--model', default='posmlp_t', help='timm model name')
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+                       help='more model arguments, values as Python literals: gate=lrpe depths="(2,2,6,2)"')
+    group.add_argument('--initial-checkpoint', default='', metavar='PATH',
+                       help='start from these weights (EMA ones when present); a head of another class '
+                            'count is re-initialised (fine-tuning)')
+    group.add_argument('--resume', default='', metavar='PATH',
+                       help="continue a run from its last.pth.tar: model, optimizer, scheduler, EMA, loss "
+                            "scaler and epoch; output goes to the checkpoint's folder unless --experiment says otherwise")
+    group.add_argument('--img-size', type=int, default=None, help='image size (model and data)')
+    group.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
+                       help='input size of the data, overriding --img-size')
+    group.add_argument('--crop-pct', type=float, default=None, help='eval center-crop fraction (default: model cfg)')
+    group.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean (default: model cfg)')
+    group.add_argument('--std', type=float, nargs='+', default=None, help='normalisation std (default: model cfg)')
+    group.add_argument('--interpolation', default='', help='eval resize interpolation (default: model cfg)')
+    group.add_argument('--drop', type=float, default=0.02333, help='dropout rate')
+    group.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
+    group.add_argument('--grad-checkpointing', action='store_true', help='recompute activations to save memory')
+    group.add_argument('--channels-last', action='store_true', help='channels_last memory layout')
+    group.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
+                       help='torch.compile the model (backend: inductor unless given)')
+    group.add_argument('--sync-bn', action='store_true', help='synchronised BatchNorm across GPUs')
+    group.add_argument('--dist-bn', default='reduce', choices=('reduce', 'broadcast', ''),
+                       help='make BatchNorm statistics agree across processes before eval')
+
+    group = parser.add_argument_group('Batch and optimizer')
+    group.add_argument('-b', '--batch-size', type=int, default=128, help='batch size per process')
+    group.add_argument('-vb', '--validation-batch-size', type=int, default=None,
+                       help='eval batch size per process (default: --batch-size)')
+    group.add_argument('--grad-accum-steps', type=int, default=1, help='batches per optimizer update')
+    group.add_argument('--opt', default='adamw', help='timm optimizer name')
+    group.add_argument('--opt-eps', type=float, default=1e-5, help='optimizer epsilon')
+    group.add_argument('--opt-betas', type=float, nargs='+', default=None, help='optimizer betas')
+    group.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
+    group.add_argument('--weight-decay', type=float, default=0.067, help='weight decay')
+    group.add_argument('--layer-decay', type=float, default=None, help='layer-wise lr decay')
+    group.add_argument('--clip-grad', type=float, default=1.0, help='gradient clipping threshold (none: 0)')
+    group.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'), help='gradient clipping mode')
+
+    group = parser.add_argument_group('Learning-rate schedule')
+    group.add_argument('--sched', default='cosine', help='timm scheduler: cosine, step, multistep, plateau, ...')
+    group.add_argument('--sched-on-updates', action='store_true', help='step the schedule every update, not epoch')
+    group.add_argument('--lr', type=float, default=2e-3, help='peak learning rate')
+    group.add_argument('--epochs', type=int, default=300, help='epochs of the schedule (cooldown comes on top)')
+    group.add_argument('--warmup-epochs', type=int, default=10, help='linear warmup epochs')
+    group.add_argument('--warmup-lr', type=float, default=1e-5, help='learning rate at the start of warmup')
+    group.add_argument('--warmup-prefix', action='store_true', help='warmup comes before --epochs, not within')
+    group.add_argument('--min-lr', type=float, default=1e-6, help='lowest learning rate of the schedule')
+    group.add_argument('--cooldown-epochs', type=int, default=10, help='epochs at --min-lr after the schedule')
+    group.add_argument('--decay-epochs', type=float, default=90, help='step schedule: epochs between decays')
+    group.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270],
+                       help='multistep schedule: epochs to decay at')
+    group.add_argument('--decay-rate', type=float, default=0.1, help='step/multistep/plateau decay factor')
+    group.add_argument('--patience-epochs', type=int, default=10, help='plateau schedule: patience')
+
+    group = parser.add_argument_group('Augmentation and regularisation')
+    group.add_argument('--no-aug', action='store_true', help='no training augmentation')
+    group.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], metavar=('MIN', 'MAX'),
+                       help='random-resized-crop area range')
+    group.add_argument('--ratio', type=float, nargs=2, default=[3. / 4., 4. / 3.], metavar=('MIN', 'MAX'),
+                       help='random-resized-crop aspect ratio range')
+    group.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
+    group.add_argument('--vflip', type=float, default=0., help='vertical flip probability')
+    group.add_argument('--color-jitter', type=float, default=0.4, help='colour jitter strength')
+    group.add_argument('--aa', default='rand-m6-n3-mstd1.0-inc1', metavar='POLICY',
+                       help="RandAugment ('rand-...') or AutoAugment ('original', 'v0', ...) policy; '' for none")
+    group.add_argument('--train-interpolation', default='random', help='training resize interpolation')
+    group.add_argument('--reprob', type=float, default=0., help='random erasing probability')
+    group.add_argument('--remode', default='pixel', help='random erasing fill: const, rand or pixel')
+    group.add_argument('--recount', type=int, default=1, help='random erasing regions')
+    group.add_argument('--mixup', type=float, default=0.5, help='mixup alpha (0: off)')
+    group.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha (0: off)')
+    group.add_argument('--cutmix-minmax', type=float, nargs=2, default=None, help='cutmix box ratio range')
+    group.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixing a batch')
+    group.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of cutmix over mixup')
+    group.add_argument('--mixup-mode', default='batch', choices=('batch', 'pair', 'elem'), help='mixup granularity')
+    group.add_argument('--mixup-off-epoch', type=int, default=0, help='stop mixing from this epoch (0: never)')
+    group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    group.add_argument('--bce-loss', action='store_true', help='binary cross-entropy instead of cross-entropy')
+
+    group = parser.add_argument_group('Model EMA')
+    group.add_argument('--model-ema', action='store_true', help='keep an exponential moving average of the weights')
+    group.add_argument('--model-ema-decay', type=float, default=0.99992, help='EMA decay per update')
+    group.add_argument('--model-ema-warmup', action='store_true', help='ramp the EMA decay up over early updates')
+    group.add_argument('--best-from-ema', action='store_true',
+                       help="rank checkpoints and model_best by the EMA model's eval metric (the weights eval.sh "
+                            "evaluates by default) instead of the live model's")
+
+    group = parser.add_argument_group('Precision')
+    group.add_argument('--amp', action='store_true', help='native torch mixed precision')
+    group.add_argument('--native-amp', action='store_true', help='same as --amp')
+    group.add_argument('--apex-amp', action='store_true',
+                       help='NVIDIA apex mixed precision when apex is installed, else native AMP (with a warning)')
+    group.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'),
+                       help='autocast type; on the CPU only bfloat16 autocasts')
+
+    group = parser.add_argument_group('Run')
+    group.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda when available)')
+    group.add_argument('--dist-backend', default=None, help='torch.distributed backend (default: nccl on GPUs, gloo on CPU)')
+    group.add_argument('--seed', type=int, default=42, help='random seed (offset by the rank)')
+    group.add_argument('--log-interval', type=int, default=50, help='batches between progress lines')
+    group.add_argument('--checkpoint-hist', type=int, default=10, help='best epoch checkpoints to keep')
+    group.add_argument('--output', default='', metavar='DIR', help='parent folder of run folders (default: ./output/train)')
+    group.add_argument('--experiment', default='', help='run folder name (default: date-time-model-size)')
+    group.add_argument('--eval-metric', default='top1', choices=('top1', 'top5', 'loss'),
+                       help='the metric that ranks checkpoints and picks model_best')
+    group.add_argument('--log-wandb', action='store_true', help='also log to Weights & Biases (if installed)')
+    group.add_argument('--max-steps-per-epoch', type=int, default=0, metavar='N',
+                       help='stop each epoch after N batches (0: whole epoch); for smoke tests')
+    return parser
+
+
+def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = train_parser()
+    args = parse_with_config(parser, argv)
+    args.data_dir = args.data or args.data_dir
+    mixing = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    if mixing and args.batch_size % 2:
+        parser.error(f'mixup/cutmix mix each batch with its mirror, so -b/--batch-size must be even, not {args.batch_size}.')
+    if not timm.is_model(args.model):
+        parser.error(f'--model {args.model}: no such timm model; PosMLP models are posmlp_t/s/b and '
+                     f'posmlp_{{t,s,b}}_lrpe/_sgu.')
+    if args.best_from_ema and not args.model_ema:
+        parser.error('--best-from-ema ranks checkpoints by the EMA model, so it needs --model-ema.')
+    if args.grad_accum_steps < 1:
+        parser.error('--grad-accum-steps must be at least 1.')
+    return args

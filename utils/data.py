@@ -1,0 +1,260 @@
+"""Data for training and validation: where the splits are, reading images, transforms and loaders.
+
+Image folders follow the ImageNet layout (`train/` and `val/` or `validation/`, one folder of images
+per class); any other timm dataset spec (`--dataset torch/cifar10`, `hfds/...`) goes to timm as is.
+Images that cannot be decoded are skipped with a warning and counted; too many stop the run.
+"""
+import logging
+import multiprocessing
+import os
+from typing import Optional, Tuple
+
+import torch
+from PIL import Image
+from timm.data import ImageDataset, create_dataset, create_transform, resolve_data_config
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
+
+from .distributed import Runtime
+
+_logger = logging.getLogger(__name__)
+
+EVAL_SPLIT_NAMES = ('val', 'validation')
+LAYOUT = ('one folder per split, each with one folder of images per class, e.g. '
+          '{root}/train/<class>/<image> and {root}/val/<class>/<image> (val/ may be named validation/)')
+# What may go wrong decoding a file that is not a (complete) image.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class DataError(RuntimeError):
+    """The data cannot be used as given; the message names the problem and the fix."""
+
+
+def _listing(folder: str) -> str:
+    entries = sorted(os.listdir(folder))
+    shown = ', '.join(entries[:10]) + (f' ... ({len(entries)} in all)' if len(entries) > 10 else '')
+    return shown or 'nothing (the folder is empty)'
+
+
+def require_dir(path: str) -> str:
+    if not path:
+        raise DataError('no data dir given: pass it as the first argument or with --data-dir.')
+    if not os.path.isdir(path):
+        raise DataError(f'data dir {path} does not exist (or is not a folder); check the path.')
+    return path
+
+
+def folder_splits(root: str, train_split: str = 'train') -> Tuple[str, str]:
+    """The training and validation folders of an ImageNet-style root."""
+    require_dir(root)
+    train_dir = os.path.join(root, train_split)
+    val_dir = next((os.path.join(root, s) for s in EVAL_SPLIT_NAMES if os.path.isdir(os.path.join(root, s))), None)
+    if not os.path.isdir(train_dir) or val_dir is None:
+        missing = ' and '.join(n for n, ok in ((f'{train_split}/', os.path.isdir(train_dir)),
+                                               ('val/ (or validation/)', val_dir is not None)) if not ok)
+        raise DataError(f'data dir {root} has no {missing}; found: {_listing(root)}. '
+                        f'Expected layout: {LAYOUT.format(root=root)}.')
+    return train_dir, val_dir
+
+
+def evaluation_folder(path: str) -> str:
+    """A validation split folder, given either the split itself or a root that holds val/ or validation/."""
+    require_dir(path)
+    for name in EVAL_SPLIT_NAMES:
+        if os.path.isdir(os.path.join(path, name)):
+            return os.path.join(path, name)
+    subdirs = [e for e in os.listdir(path) if os.path.isdir(os.path.join(path, e))]
+    if not subdirs or 'train' in subdirs:
+        raise DataError(f'{path} is neither a validation split (one folder of images per class) nor a root '
+                        f'with val/ or validation/; found: {_listing(path)}. Expected: '
+                        f'{path}/<class>/<image>, or {path}/val/<class>/<image>.')
+    return path
+
+
+class UnreadableImageSkipper(Dataset):
+    """A timm ImageDataset whose undecodable images are replaced by the next readable one.
+
+    Each bad file is warned about once and counted; the count is shared by the DataLoader workers so
+    `check()` in the main process sees all of them. More than `max_bad` bad files is an error.
+    """
+
+    def __init__(self, dataset: ImageDataset, max_bad: int):
+        self.reader = dataset.reader
+        self.img_mode = dataset.input_img_mode
+        self.transform = None
+        self.max_bad = max_bad
+        self._is_bad = multiprocessing.RawArray('b', len(self.reader))
+        self._num_bad = multiprocessing.Value('i', 0)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    @property
+    def num_bad(self) -> int:
+        return self._num_bad.value
+
+    def filename(self, index: int) -> str:
+        return self.reader.filename(index, absolute=True)
+
+    def check(self):
+        if self.num_bad > self.max_bad:
+            raise DataError(
+                f'{self.num_bad} images could not be read, more than the {self.max_bad} allowed '
+                f'(--max-bad-images); the warnings above name them. Fix or remove those files, '
+                f'or raise --max-bad-images.')
+
+    def _mark_bad(self, index: int, error: Exception):
+        with self._num_bad.get_lock():
+            first_time = not self._is_bad[index]
+            self._is_bad[index] = 1
+            self._num_bad.value += first_time
+        if first_time:
+            _logger.warning(f'Skipped unreadable image {self.filename(index)}: {error}')
+
+    def _load(self, index: int):
+        source, target = self.reader[index][:2]
+        try:
+            with Image.open(source) as image:
+                image = image.convert(self.img_mode) if self.img_mode else image.copy()
+        finally:
+            if hasattr(source, 'close'):
+                source.close()
+        return image, target
+
+    def __getitem__(self, index: int):
+        for attempt in range(len(self)):
+            i = (index + attempt) % len(self)
+            try:
+                image, target = self._load(i)
+            except DECODE_ERRORS as error:
+                self._mark_bad(i, error)
+                continue
+            return (self.transform(image) if self.transform is not None else image), target
+        raise DataError(f'none of the {len(self)} images in {self.reader.root} can be read.')
+
+
+def create_split_dataset(name: str, root: str, split: str, max_bad_images: Optional[int] = None,
+                         class_map: Optional[dict] = None) -> Dataset:
+    """A dataset whose `transform` attribute is applied to every image.
+
+    `name` '' (an image folder, `root` being the split folder itself) or a timm dataset spec.
+    `max_bad_images` defaults to 1% of the split (at least one).
+    """
+    if name:
+        try:
+            return create_dataset(name, root=root, split=split, is_training=split == 'train')
+        except (OSError, RuntimeError, AssertionError, ValueError) as e:
+            raise DataError(f'cannot create dataset {name!r} (split {split!r}) from {root}: {e}') from None
+    try:
+        dataset = create_dataset('', root=root, search_split=False, class_map=class_map)
+    except RuntimeError as e:  # timm: no images found
+        raise DataError(f'{e} Expected layout: {LAYOUT.format(root=os.path.dirname(root) or root)}.') from None
+    if max_bad_images is None:
+        max_bad_images = max(1, len(dataset) // 100)
+    return UnreadableImageSkipper(dataset, max_bad_images)
+
+
+def class_to_idx(dataset: Dataset) -> Optional[dict]:
+    reader = getattr(dataset, 'reader', None)
+    return getattr(reader, 'class_to_idx', None) or getattr(dataset, 'class_to_idx', None)
+
+
+def num_classes_of(dataset: Dataset) -> int:
+    mapping = class_to_idx(dataset)
+    if mapping:
+        return len(mapping)
+    classes = getattr(dataset, 'classes', None)
+    if classes:
+        return len(classes)
+    raise DataError('cannot tell how many classes the dataset has; pass --num-classes.')
+
+
+def create_training_datasets(name: str, root: str, train_split: str, val_split: str,
+                             max_bad_images: Optional[int]) -> Tuple[Dataset, Dataset]:
+    """Training and validation datasets; the validation classes are indexed as in training."""
+    if name:
+        require_dir(root)
+        return (create_split_dataset(name, root, train_split),
+                create_split_dataset(name, root, val_split))
+    train_dir, val_dir = folder_splits(root, train_split)
+    train_set = create_split_dataset('', train_dir, 'train', max_bad_images)
+    val_set = create_split_dataset('', val_dir, 'validation', max_bad_images)
+    train_classes, val_classes = class_to_idx(train_set), class_to_idx(val_set)
+    unknown = sorted(set(val_classes) - set(train_classes))
+    if unknown:
+        raise DataError(f'{val_dir} has classes that {train_dir} lacks: {", ".join(unknown[:10])}; '
+                        f'both splits need the same class folders.')
+    if val_classes != train_classes:
+        val_set = create_split_dataset('', val_dir, 'validation', max_bad_images, class_map=train_classes)
+    return train_set, val_set
+
+
+def check_unreadable(dataset: Dataset):
+    """Raise if the dataset has met more unreadable images than it allows."""
+    if isinstance(dataset, UnreadableImageSkipper):
+        dataset.check()
+
+
+def unreadable_count(dataset: Dataset) -> int:
+    return dataset.num_bad if isinstance(dataset, UnreadableImageSkipper) else 0
+
+
+def resolve_input_config(options: dict, model: torch.nn.Module) -> dict:
+    """timm's data config (input size, interpolation, crop, mean, std) for `model`.
+
+    Given options win; without an input size the model's own `img_size` is used before its
+    pretrained cfg, so a model built for 32 px is fed 32 px.
+    """
+    options = {k: v for k, v in options.items() if v not in (None, '')}
+    if 'input_size' not in options and 'img_size' not in options and hasattr(model, 'img_size'):
+        in_chans = options.get('in_chans') or 3
+        options['input_size'] = (in_chans, *model.img_size)
+    return resolve_data_config(options, model=model)
+
+
+def create_train_transform(args, data_config: dict):
+    """Training augmentation from the recipe's options (RandAugment/AutoAugment, random erasing, ...)."""
+    return create_transform(
+        data_config['input_size'], is_training=True, no_aug=args.no_aug, scale=args.scale, ratio=args.ratio,
+        hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
+        interpolation=args.train_interpolation, mean=data_config['mean'], std=data_config['std'],
+        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+
+
+def create_eval_transform(data_config: dict):
+    """The one evaluation transform, shared by training-time eval and validate.py so they agree exactly."""
+    return create_transform(
+        data_config['input_size'], is_training=False, interpolation=data_config['interpolation'],
+        mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct'],
+        crop_mode=data_config['crop_mode'])
+
+
+class UnpaddedDistributedSampler(Sampler):
+    """Every rank-th index from this rank's offset, without the padding DistributedSampler adds, so
+    summing results over processes counts every sample exactly once."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
+        self.indices = range(rank, len(dataset), num_replicas)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def build_loader(dataset: Dataset, batch_size: int, is_training: bool, runtime: Runtime,
+                  workers: int, pin_memory: bool = False, seed: int = 0) -> DataLoader:
+    """Shuffled, drop-last batches for training (sharded per process); all samples in order for eval."""
+    if is_training and runtime.distributed:
+        sampler = DistributedSampler(dataset, runtime.world_size, runtime.rank, shuffle=True, seed=seed)
+    elif is_training:
+        sampler = None
+    elif runtime.distributed:
+        sampler = UnpaddedDistributedSampler(dataset, runtime.world_size, runtime.rank)
+    else:
+        sampler = SequentialSampler(dataset)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, shuffle=is_training and sampler is None,
+        drop_last=is_training, num_workers=workers, pin_memory=pin_memory and runtime.device.type == 'cuda',
+        persistent_workers=workers > 0)
+

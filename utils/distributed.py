@@ -1,0 +1,62 @@
+"""The device a process runs on and the process group torchrun sets up (NCCL on GPUs, gloo on CPU)."""
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from timm.utils.distributed import init_distributed_device_so
+
+from .args import OptionError
+
+
+@dataclass
+class Runtime:
+    """Where this process runs and its place among the processes of a torchrun launch."""
+    device: torch.device
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_primary(self) -> bool:
+        return self.rank == 0
+
+
+def default_device() -> str:
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+def init_runtime(device: Optional[str] = None, backend: Optional[str] = None) -> Runtime:
+    """Pick the device (CUDA when available unless `device` says otherwise) and join torchrun's group.
+
+    Under torchrun (WORLD_SIZE > 1) each process takes the GPU of its local rank; timm chooses the
+    backend from the device type: NCCL for CUDA, gloo for CPU.
+    """
+    device = device or default_device()
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise OptionError(f'--device {device} asks for CUDA, but CUDA is not available on this machine; '
+                         f'leave --device out (or pass --device cpu) to run on the CPU.')
+    info = init_distributed_device_so(device=device, dist_backend=backend)
+    return Runtime(torch.device(info['device']), info['global_rank'], info['local_rank'], info['world_size'])
+
+
+def sum_over_processes(values: Sequence, runtime: Runtime) -> list:
+    """Element-wise sums over all processes, in float64 so counts stay exact."""
+    total = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=runtime.device) for v in values])
+    if runtime.distributed:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.tolist()
+
+
+def barrier(runtime: Runtime):
+    if runtime.distributed:
+        dist.barrier()
+
+
+def shutdown():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,167 @@
+"""The epoch loops: `train_one_epoch` and `evaluate`.
+
+Progress goes to the log of rank 0 only. A non-finite loss stops training before the step that would
+apply it, so the checkpoints on disk stay the last good ones.
+"""
+import contextlib
+import datetime
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Optional
+
+import torch
+import torch.nn.functional as F
+from timm.utils import AverageMeter, dispatch_clip_grad
+
+from .data import DataError, check_unreadable
+from .distributed import Runtime, sum_over_processes
+
+_logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+@dataclass
+class TrainSettings:
+    """How one epoch of training runs (from the command line)."""
+    steps: int  # batches per epoch (the loader's length, or fewer with --max-steps-per-epoch)
+    grad_accum_steps: int = 1
+    clip_grad: Optional[float] = None
+    clip_mode: str = 'norm'
+    channels_last: bool = False
+    log_interval: int = 50
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext
+    loss_scaler: Optional[object] = None
+    mixup: Optional[Callable] = None
+
+
+def updates_per_epoch(steps: int, grad_accum_steps: int) -> int:
+    """Optimizer updates per epoch: a last, shorter accumulation group still makes an update."""
+    return math.ceil(steps / grad_accum_steps)
+
+
+def _to_device(images, targets, runtime: Runtime, channels_last: bool):
+    images = images.to(runtime.device, non_blocking=True)
+    targets = targets.to(runtime.device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets
+
+
+def _format_eta(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+def _mean_lr(optimizer) -> float:
+    lrs = [group['lr'] for group in optimizer.param_groups]
+    return sum(lrs) / len(lrs)
+
+
+def train_one_epoch(epoch: int, model, loader, optimizer, loss_fn, runtime: Runtime, settings: TrainSettings,
+                    scheduler=None, model_ema=None, num_updates: int = 0) -> tuple:
+    """One pass over `settings.steps` batches. Returns ({'loss': mean loss, 'lr': last lr}, num_updates)."""
+    model.train()
+    optimizer.zero_grad()
+    accum = settings.grad_accum_steps
+    steps = settings.steps
+    loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
+    samples = 0
+    batch_time, data_time, losses = AverageMeter(), AverageMeter(), AverageMeter()
+    end = time.time()
+    for step, (images, targets) in enumerate(loader):
+        if step >= steps:
+            break
+        check_unreadable(loader.dataset)
+        images, targets = _to_device(images, targets, runtime, settings.channels_last)
+        if settings.mixup is not None:
+            images, targets = settings.mixup(images, targets)
+        data_time.update(time.time() - end)
+
+        group_start = step - step % accum
+        group_size = min(accum, steps - group_start)
+        need_update = step - group_start + 1 == group_size
+        # DDP all-reduces gradients only on the micro-step that updates.
+        sync = contextlib.nullcontext() if need_update or not hasattr(model, 'no_sync') else model.no_sync()
+        with sync:
+            with settings.autocast():
+                loss = loss_fn(model(images), targets)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(
+                    f'the loss became {loss_value} at epoch {epoch}, step {step}/{steps}; stopped before applying '
+                    f'it, so the checkpoints on disk are the last good ones. Try a lower --lr, a longer '
+                    f'--warmup-epochs, --clip-grad, or training without --amp/--apex-amp.')
+            _backward_and_step(loss / group_size, model, optimizer, settings, need_update)
+        if need_update:
+            optimizer.zero_grad()
+            num_updates += 1
+            if model_ema is not None:
+                model_ema.update(model, step=num_updates)
+            if scheduler is not None:
+                scheduler.step_update(num_updates=num_updates)
+
+        loss_sum += loss.detach().double() * images.shape[0]
+        samples += images.shape[0]
+        losses.update(loss_value, images.shape[0])
+        batch_time.update(time.time() - end)
+        if runtime.is_primary and (step % settings.log_interval == 0 or step == steps - 1):
+            rate = images.shape[0] * runtime.world_size / max(batch_time.val, 1e-9)
+            _logger.info(
+                f'Train: {epoch} [{step + 1:>4d}/{steps} ({100. * (step + 1) / steps:3.0f}%)]  '
+                f'loss {losses.val:.4f} ({losses.avg:.4f})  lr {_mean_lr(optimizer):.3e}  '
+                f'{rate:7.1f} img/s  data {data_time.avg:.3f}s  '
+                f'eta {_format_eta(batch_time.avg * (steps - step - 1))}')
+        end = time.time()
+    check_unreadable(loader.dataset)
+    total_loss, total_samples = sum_over_processes([loss_sum, samples], runtime)
+    return {'loss': total_loss / max(total_samples, 1), 'lr': _mean_lr(optimizer)}, num_updates
+
+
+def _backward_and_step(loss, model, optimizer, settings: TrainSettings, need_update: bool):
+    if settings.loss_scaler is not None:
+        settings.loss_scaler(loss, optimizer, clip_grad=settings.clip_grad, clip_mode=settings.clip_mode,
+                             parameters=model.parameters(), need_update=need_update)
+        return
+    loss.backward()
+    if need_update:
+        if settings.clip_grad is not None:
+            dispatch_clip_grad(model.parameters(), settings.clip_grad, mode=settings.clip_mode)
+        optimizer.step()
+
+
+@torch.no_grad()
+def evaluate(model, loader, runtime: Runtime, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+             channels_last: bool = False, log_interval: int = 0, name: str = 'Eval') -> dict:
+    """Loss, top-1 and top-5 (top-k is capped at the class count) over the whole loader.
+
+    Correct predictions are counted, not averaged per batch, and summed over processes with the
+    sample count, so any number of processes and any batch size give the same numbers.
+    """
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # loss sum, top-1, top-5, samples
+    steps = len(loader)
+    for step, (images, targets) in enumerate(loader):
+        check_unreadable(loader.dataset)
+        images, targets = _to_device(images, targets, runtime, channels_last)
+        with autocast():
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        hits = logits.topk(k, dim=1).indices.eq(targets[:, None])
+        totals += torch.stack([
+            F.cross_entropy(logits, targets, reduction='sum').double(),
+            hits[:, 0].sum().double(),
+            hits.any(dim=1).sum().double(),
+            torch.tensor(float(targets.shape[0]), dtype=torch.float64, device=runtime.device),
+        ])
+        if log_interval and runtime.is_primary and (step % log_interval == 0 or step == steps - 1):
+            _logger.info(f'{name}: [{step + 1:>4d}/{steps}]')
+    check_unreadable(loader.dataset)
+    loss_sum, top1, top5, count = sum_over_processes(list(totals), runtime)
+    if count == 0:
+        raise DataError('the validation split has no images to evaluate.')
+    return {'loss': loss_sum / count, 'top1': 100. * top1 / count, 'top5': 100. * top5 / count, 'count': int(count)}

@@ -1,0 +1,78 @@
+"""A training run's folder and what rank 0 writes into it besides checkpoints: the log and summary.csv."""
+import csv
+import datetime
+import logging
+import os
+import sys
+from typing import Optional
+
+from timm.utils import FormatterNoInfo
+
+_logger = logging.getLogger(__name__)
+
+LOG_FILE = 'train.log'
+SUMMARY_FILE = 'summary.csv'
+METRIC_NAMES = ('loss', 'top1', 'top5')
+
+
+def run_folder(args) -> str:
+    """`--output/--experiment`; a resumed run continues in its checkpoint's folder unless --experiment is given."""
+    if args.resume and not args.experiment:
+        return os.path.dirname(os.path.abspath(args.resume))
+    name = args.experiment or '-'.join([
+        datetime.datetime.now().strftime('%Y%m%d-%H%M%S'), args.model, str(args.img_size or 'default')])
+    return os.path.join(args.output or os.path.join('output', 'train'), name)
+
+
+def setup_logging(log_path: Optional[str], primary: bool):
+    """Rank 0 logs INFO to stdout and to `log_path`; the other ranks only warnings and errors."""
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(FormatterNoInfo())
+    handlers = [console]
+    if primary and log_path:
+        log_file = logging.FileHandler(log_path)
+        log_file.setFormatter(logging.Formatter('%(asctime)s %(name)s [%(levelname)s] %(message)s'))
+        handlers.append(log_file)
+    logging.basicConfig(level=logging.INFO if primary else logging.WARNING, handlers=handlers, force=True)
+    logging.captureWarnings(True)
+
+
+def summary_row(epoch: int, lr: float, train: dict, evaluation: dict, ema: Optional[dict]) -> dict:
+    """One summary.csv row: epoch, lr, train_loss, eval_loss/top1/top5 and, with EMA, ema_loss/top1/top5."""
+    row = {'epoch': epoch, 'lr': lr, 'train_loss': train['loss']}
+    row.update({f'eval_{k}': evaluation[k] for k in METRIC_NAMES})
+    if ema is not None:
+        row.update({f'ema_{k}': ema[k] for k in METRIC_NAMES})
+    return row
+
+
+def append_summary(path: str, row: dict):
+    new_file = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, 'a', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new_file:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def format_metrics(metrics: dict) -> str:
+    return f'loss {metrics["loss"]:.4f}  top1 {metrics["top1"]:.3f}  top5 {metrics["top5"]:.3f}'
+
+
+class WandbLogger:
+    """Weights & Biases logging when asked for and installed; otherwise one warning and nothing."""
+
+    def __init__(self, enabled: bool, args: dict, folder: str):
+        self.run = None
+        if not enabled:
+            return
+        try:
+            import wandb
+        except ImportError:
+            _logger.warning('--log-wandb: the wandb package is not installed (pip install wandb); not logging to it.')
+            return
+        self.run = wandb.init(project='posmlp', name=os.path.basename(folder), config=args, dir=folder)
+
+    def log(self, row: dict):
+        if self.run is not None:
+            self.run.log(row)

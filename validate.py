@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Evaluate a checkpoint on a validation split: top-1, top-5, loss, parameters and throughput.
+
+    python validate.py /imagenet/val --checkpoint posmlp_t.pth.tar
+    torchrun --nproc_per_node 2 validate.py /imagenet --checkpoint output/train/run/model_best.pth.tar
+
+The checkpoint may be this project's (it names its model) or the authors' (the architecture is read
+off the weights), so --model is optional. EMA weights are used when the checkpoint has them. The
+input size, crop and normalisation are the ones the checkpoint was trained with when it records
+them, else the model's defaults; options given here override both. With N processes every image
+is evaluated exactly once, so the numbers equal those of one process.
+"""
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+import time
+
+import torch
+from timm.utils import ParseKwargs
+
+import models
+from models import CheckpointError
+from utils.amp import resolve_precision
+from utils.args import OptionError
+from utils.data import (
+    DataError, build_loader, create_eval_transform, create_split_dataset, evaluation_folder, num_classes_of,
+    resolve_input_config, unreadable_count,
+)
+from utils.distributed import init_runtime, shutdown
+from utils.engine import evaluate
+from utils.outputs import setup_logging
+
+_logger = logging.getLogger('validate')
+
+DATA_OPTIONS = ('input_size', 'img_size', 'in_chans', 'crop_pct', 'crop_mode', 'mean', 'std', 'interpolation')
+RESULT_FORMATS = ('.csv', '.json')
+
+
+def validate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='validate.py', description=__doc__.split('\n\n')[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('data', nargs='?', metavar='DIR',
+                        help='validation split folder (one folder per class), or a root with val/ or validation/')
+    parser.add_argument('--data-dir', default='', metavar='DIR', help='same as DIR')
+    parser.add_argument('--dataset', default='', help="'' for an image folder, or a timm dataset spec")
+    parser.add_argument('--split', default='validation', help='split of a timm dataset spec')
+    parser.add_argument('--checkpoint', required=True, metavar='PATH',
+                        help="a checkpoint of this project's train.py or the authors' release")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument('--use-ema', action='store_true', default=None,
+                         help='require the EMA weights (default: EMA when the checkpoint has them)')
+    weights.add_argument('--no-ema', dest='use_ema', action='store_false', help='use the live (non-EMA) weights')
+    parser.add_argument('--model', default=None, help='timm model name (default: the one the checkpoint describes)')
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+                        help='more model arguments, values as Python literals')
+    parser.add_argument('-b', '--batch-size', type=int, default=256, help='batch size per process')
+    parser.add_argument('-j', '--workers', type=int, default=min(4, os.cpu_count() or 1),
+                        help='data loading processes per process')
+    parser.add_argument('--amp', action='store_true', help='native torch mixed precision')
+    parser.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'),
+                        help='autocast type; on the CPU only bfloat16 autocasts')
+    parser.add_argument('--channels-last', action='store_true', help='channels_last memory layout')
+    parser.add_argument('--img-size', type=int, default=None, help='input image size')
+    parser.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'), help='input size')
+    parser.add_argument('--crop-pct', type=float, default=None, help='center-crop fraction')
+    parser.add_argument('--crop-mode', default=None, help='center, squash or border')
+    parser.add_argument('--interpolation', default=None, help='resize interpolation')
+    parser.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean')
+    parser.add_argument('--std', type=float, nargs='+', default=None, help='normalisation std')
+    parser.add_argument('--max-bad-images', type=int, default=None, metavar='N',
+                        help='unreadable images skipped (each replaced by the next image) before stopping '
+                             '(default: 1%% of the split)')
+    parser.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda when available)')
+    parser.add_argument('--log-interval', type=int, default=50, help='batches between progress lines')
+    parser.add_argument('--results-file', default='', metavar='PATH', help='write the results to a .csv or .json file')
+    return parser
+
+
+def training_data_options(path: str) -> dict:
+    """The input options a checkpoint's training run used (its `args`), so evaluation sees the same input."""
+    args = models.load_checkpoint_file(path).get('args')
+    args = vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, dict) else {})
+    return {k: args[k] for k in DATA_OPTIONS if args.get(k) not in (None, '')}
+
+
+def write_results(path: str, results: dict):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(path, 'w', newline='') as f:
+        if path.endswith('.json'):
+            json.dump(results, f, indent=2)
+        else:
+            writer = csv.DictWriter(f, fieldnames=list(results))
+            writer.writeheader()
+            writer.writerow(results)
+
+
+def validate(args) -> dict:
+    runtime = init_runtime(args.device)
+    setup_logging(None, runtime.is_primary)
+
+    data_dir = args.data or args.data_dir
+    if args.dataset:
+        dataset = create_split_dataset(args.dataset, data_dir, args.split)
+    else:
+        data_dir = evaluation_folder(data_dir)
+        dataset = create_split_dataset('', data_dir, 'validation', args.max_bad_images)
+
+    loaded = models.read_checkpoint(args.checkpoint, use_ema=args.use_ema)
+    model = models.create_model_from_checkpoint(loaded, model_name=args.model, **args.model_kwargs)
+    which = ('EMA weights (state_dict_ema)' if loaded.weights == 'state_dict_ema'
+             else 'live weights (state_dict)' + ('' if args.use_ema is False else '; the checkpoint has no EMA weights'))
+    _logger.info(f'Checkpoint {args.checkpoint}: {which}.')
+    model_classes = getattr(model, 'num_classes', None)
+    data_classes = num_classes_of(dataset)
+    if model_classes and data_classes > model_classes:
+        raise DataError(f'{data_dir} has {data_classes} classes but the model predicts {model_classes}; '
+                        f'evaluate it on the validation split of the data it was trained on.')
+
+    options = training_data_options(args.checkpoint)
+    options.update({k: getattr(args, k, None) for k in DATA_OPTIONS if getattr(args, k, None) is not None})
+    data_config = resolve_input_config(options, model)
+    dataset.transform = create_eval_transform(data_config)
+    loader = build_loader(dataset, args.batch_size, False, runtime, args.workers)
+
+    model.to(runtime.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    _, _, precision = resolve_precision(runtime.device, amp=args.amp, amp_dtype=args.amp_dtype)
+    start = time.time()
+    metrics = evaluate(model, loader, runtime, precision.autocast, args.channels_last, args.log_interval, 'Test')
+    elapsed = time.time() - start
+    results = dict(
+        model=loaded.model_name or type(model).__name__.lower(), checkpoint=args.checkpoint, weights=loaded.weights,
+        top1=metrics['top1'], top5=metrics['top5'], loss=metrics['loss'], images=metrics['count'],
+        params=sum(p.numel() for p in model.parameters()), img_per_sec=metrics['count'] / max(elapsed, 1e-9),
+        input_size=list(data_config['input_size']), crop_pct=data_config['crop_pct'],
+        interpolation=data_config['interpolation'], processes=runtime.world_size,
+        unreadable_images=unreadable_count(dataset),
+    )
+    if runtime.is_primary:
+        _logger.info(
+            f'Validated on {data_dir}: top1 {results["top1"]:.3f}  top5 {results["top5"]:.3f}  '
+            f'loss {results["loss"]:.4f} | {results["images"]} images, {results["params"]:,} params, '
+            f'{results["img_per_sec"]:.1f} img/s, {precision.description}, {runtime.world_size} process(es), '
+            f'input {data_config["input_size"]} crop {data_config["crop_pct"]} {data_config["interpolation"]}')
+        print(json.dumps(results, indent=2))
+        if args.results_file:
+            write_results(args.results_file, results)
+    return results
+
+
+def main(argv=None) -> int:
+    parser = validate_parser()
+    args = parser.parse_args(argv)
+    if args.results_file and not args.results_file.endswith(RESULT_FORMATS):
+        parser.error(f'--results-file {args.results_file}: name it .csv or .json to choose the format.')
+    try:
+        validate(args)
+    except (DataError, CheckpointError, OptionError) as e:
+        logging.getLogger('validate').error(f'Stopped: {e}')
+        return 1
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
