@@ -68,7 +68,7 @@ def training_loss(args, mixup_active: bool) -> nn.Module:
 
 
 def train(args):
-    runtime = init_runtime(args.device, args.dist_backend)
+    runtime = init_runtime(args.device, args.dist_backend, args.threads)
     output_dir = run_folder(args)
     if runtime.is_primary:
         os.makedirs(output_dir, exist_ok=True)
@@ -108,9 +108,8 @@ def train(args):
                  f'{num_classes} classes, kwargs {model_kwargs}')
 
     # Transforms follow the model's data config unless the options override it.
-    data_config = resolve_input_config(
-        {k: getattr(args, k) for k in ('input_size', 'img_size', 'in_chans', 'crop_pct', 'mean', 'std', 'interpolation')},
-        model)
+    input_options = ('input_size', 'img_size', 'in_chans', 'crop_pct', 'mean', 'std', 'interpolation')
+    data_config = resolve_input_config({k: getattr(args, k) for k in input_options}, model)
     train_set.transform = create_train_transform(args, data_config)
     val_set.transform = create_eval_transform(data_config)
     _logger.info(f'Data {args.data_dir}: {len(train_set)} train and {len(val_set)} val images, config {data_config}')
@@ -122,24 +121,35 @@ def train(args):
         if runtime.device.type == 'cuda':
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         else:
-            _logger.warning('--sync-bn needs GPUs (torch has no SyncBatchNorm on the CPU); BatchNorm stays per process.')
+            _logger.warning('--sync-bn needs GPUs (torch has no SyncBatchNorm on the CPU); '
+                            'BatchNorm stays per process.')
 
     # Optimizer, precision, EMA and schedule.
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(args))
+    try:
+        optimizer = create_optimizer_v2(model, **optimizer_kwargs(args))
+    except ValueError as e:
+        raise OptionError(f'--opt {args.opt}: {e}; see timm.optim.list_optimizers() for the names.') from None
     model, optimizer, precision = resolve_precision(
         runtime.device, amp=args.amp or args.native_amp, apex=args.apex_amp, amp_dtype=args.amp_dtype,
         model=model, optimizer=optimizer, announce=runtime.is_primary)
-    model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) if args.model_ema else None
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
     train_loader = build_loader(train_set, args.batch_size, True, runtime, args.workers, args.pin_mem, args.seed)
     val_loader = build_loader(val_set, args.validation_batch_size or args.batch_size, False, runtime, args.workers,
                               args.pin_mem)
-    steps = len(train_loader) if args.max_steps_per_epoch <= 0 else min(len(train_loader), args.max_steps_per_epoch)
+    steps = min(len(train_loader), args.max_steps_per_epoch or len(train_loader))
     if steps == 0:
         raise DataError(f'{len(train_set)} training images make no full batch of {args.batch_size} per process; '
                         f'lower -b/--batch-size.')
     updates = updates_per_epoch(steps, args.grad_accum_steps)
-    scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'), updates_per_epoch=updates)
+    try:
+        scheduler, num_epochs = create_scheduler_v2(
+            optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
+            updates_per_epoch=updates)
+    except ValueError as e:
+        raise OptionError(f'--sched {args.sched}: {e} Use cosine, step, multistep, plateau, poly, tanh, '
+                          f'wsd, constant or none.') from None
 
     start_epoch = 0
     if args.resume:
@@ -202,12 +212,13 @@ def train(args):
             scheduler.step(epoch + 1, metric)
 
         if runtime.is_primary:
-            is_best = keeper.save(training_state(
-                epoch, args.model, model_kwargs, model, optimizer, scheduler, precision.loss_scaler, model_ema,
-                plain_args(args), metric))
+            # The row goes first: a run killed before its checkpoint redoes the epoch and trims the row.
             row = summary_row(epoch, train_metrics['lr'], train_metrics, eval_metrics, ema_metrics)
             append_summary(summary_path, row)
             wandb_logger.log(row)
+            is_best = keeper.save(training_state(
+                epoch, args.model, model_kwargs, model, optimizer, scheduler, precision.loss_scaler, model_ema,
+                plain_args(args), metric))
             bad = unreadable_count(train_set) + unreadable_count(val_set)
             _logger.info(
                 f'Epoch {epoch} done in {time.time() - epoch_start:.1f}s: train loss {train_metrics["loss"]:.4f} | '

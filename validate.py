@@ -75,6 +75,7 @@ def validate_parser() -> argparse.ArgumentParser:
                         help='unreadable images skipped (each replaced by the next image) before stopping '
                              '(default: 1%% of the split)')
     parser.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda when available)')
+    parser.add_argument('--threads', type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument('--log-interval', type=int, default=50, help='batches between progress lines')
     parser.add_argument('--results-file', default='', metavar='PATH', help='write the results to a .csv or .json file')
     return parser
@@ -100,7 +101,7 @@ def write_results(path: str, results: dict):
 
 
 def validate(args) -> dict:
-    runtime = init_runtime(args.device)
+    runtime = init_runtime(args.device, threads=args.threads)
     setup_logging(None, runtime.is_primary)
 
     data_dir = args.data or args.data_dir
@@ -112,8 +113,10 @@ def validate(args) -> dict:
 
     loaded = models.read_checkpoint(args.checkpoint, use_ema=args.use_ema)
     model = models.create_model_from_checkpoint(loaded, model_name=args.model, **args.model_kwargs)
-    which = ('EMA weights (state_dict_ema)' if loaded.weights == 'state_dict_ema'
-             else 'live weights (state_dict)' + ('' if args.use_ema is False else '; the checkpoint has no EMA weights'))
+    if loaded.weights == 'state_dict_ema':
+        which = 'EMA weights (state_dict_ema)'
+    else:
+        which = 'live weights (state_dict)' + ('' if args.use_ema is False else '; the checkpoint has no EMA weights')
     _logger.info(f'Checkpoint {args.checkpoint}: {which}.')
     model_classes = getattr(model, 'num_classes', None)
     data_classes = num_classes_of(dataset)

@@ -1,4 +1,5 @@
 """Shared test setup: the repository root on sys.path, the authors' reference fixtures, small image folders."""
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -47,3 +48,42 @@ def make_image_folder(root: Path, classes=('a', 'b', 'c'), per_class=6, size=32,
 @pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / 'data')
+
+
+# TINY_KWARGS as train.py / validate.py options.
+TINY_MODEL_ARGS = ['--model-kwargs', *[f'{k}={v!r}' for k, v in TINY_KWARGS.items()]]
+
+
+def script_env(**extra) -> dict:
+    """Environment for the shell scripts: this interpreter, and a free port for torchrun's rendezvous."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    return dict(os.environ, PYTHON=sys.executable, MASTER_PORT=str(port), **extra)
+
+
+@contextlib.contextmanager
+def restored_process_state(threads: int = 1):
+    """Run train.main()/validate.main() in this process: they set the root logger and torch's thread count
+    for their run, and both are put back afterwards. One thread, because on two busy cores splitting the
+    tiny models' operations over threads is many times slower."""
+    import logging
+    root = logging.getLogger()
+    handlers, level, previous = root.handlers[:], root.level, torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def in_process_run():
+    with restored_process_state():
+        yield

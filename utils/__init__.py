@@ -1,0 +1,1 @@
+"""Helpers behind the repository's scripts: train.py, validate.py and the analysis tools."""

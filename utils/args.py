@@ -67,7 +67,8 @@ def _convert(parser, path: str, key: str, action: argparse.Action, value: Any) -
             try:
                 item = action.type(item)
             except (TypeError, ValueError):
-                parser.error(f'config {path}: {key}: {item!r} is not a valid {getattr(action.type, "__name__", "value")}.')
+                kind = getattr(action.type, '__name__', 'value')
+                parser.error(f'config {path}: {key}: {item!r} is not a valid {kind}.')
         if action.choices is not None and item not in action.choices:
             parser.error(f'config {path}: {key}: {item!r} is not one of {", ".join(map(str, action.choices))}.')
         converted.append(item)
@@ -149,7 +150,7 @@ def train_parser() -> argparse.ArgumentParser:
                             'count is re-initialised (fine-tuning)')
     group.add_argument('--resume', default='', metavar='PATH',
                        help="continue a run from its last.pth.tar: model, optimizer, scheduler, EMA, loss "
-                            "scaler and epoch; output goes to the checkpoint's folder unless --experiment says otherwise")
+                            "scaler and epoch; output goes to the checkpoint's folder unless --experiment is given")
     group.add_argument('--img-size', type=int, default=None, help='image size (model and data)')
     group.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
                        help='input size of the data, overriding --img-size')
@@ -240,11 +241,16 @@ def train_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group('Run')
     group.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda when available)')
-    group.add_argument('--dist-backend', default=None, help='torch.distributed backend (default: nccl on GPUs, gloo on CPU)')
+    group.add_argument('--threads', type=int, default=0,
+                       help="torch CPU threads per process (0: torch's default). Small models on few cores "
+                            "run fastest with 1: splitting tiny operations costs more than it saves")
+    group.add_argument('--dist-backend', default=None,
+                       help='torch.distributed backend (default: nccl on GPUs, gloo on CPU)')
     group.add_argument('--seed', type=int, default=42, help='random seed (offset by the rank)')
     group.add_argument('--log-interval', type=int, default=50, help='batches between progress lines')
     group.add_argument('--checkpoint-hist', type=int, default=10, help='best epoch checkpoints to keep')
-    group.add_argument('--output', default='', metavar='DIR', help='parent folder of run folders (default: ./output/train)')
+    group.add_argument('--output', default='', metavar='DIR',
+                       help='parent folder of run folders (default: ./output/train)')
     group.add_argument('--experiment', default='', help='run folder name (default: date-time-model-size)')
     group.add_argument('--eval-metric', default='top1', choices=('top1', 'top5', 'loss'),
                        help='the metric that ranks checkpoints and picks model_best')
@@ -260,7 +266,8 @@ def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.data_dir = args.data or args.data_dir
     mixing = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     if mixing and args.batch_size % 2:
-        parser.error(f'mixup/cutmix mix each batch with its mirror, so -b/--batch-size must be even, not {args.batch_size}.')
+        parser.error(f'mixup/cutmix mix each batch with its mirror, so -b/--batch-size must be even, '
+                     f'not {args.batch_size}.')
     if not timm.is_model(args.model):
         parser.error(f'--model {args.model}: no such timm model; PosMLP models are posmlp_t/s/b and '
                      f'posmlp_{{t,s,b}}_lrpe/_sgu.')
@@ -268,4 +275,6 @@ def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error('--best-from-ema ranks checkpoints by the EMA model, so it needs --model-ema.')
     if args.grad_accum_steps < 1:
         parser.error('--grad-accum-steps must be at least 1.')
+    if args.max_steps_per_epoch < 0:
+        parser.error('--max-steps-per-epoch must be 0 (whole epochs) or more.')
     return args

@@ -74,8 +74,8 @@ class CheckpointKeeper:
             if metric is not None:
                 entries.append((float(metric), int(match.group(1))))
         self.kept = self._rank(entries)
-        best = models.load_checkpoint_file(self.path(BEST)) if os.path.isfile(self.path(BEST)) else None
-        if best is not None and best.get('metric') is not None and best.get('epoch', resumed_epoch + 1) <= resumed_epoch:
+        best = models.load_checkpoint_file(self.path(BEST)) if os.path.isfile(self.path(BEST)) else {}
+        if best.get('metric') is not None and best.get('epoch', resumed_epoch + 1) <= resumed_epoch:
             self.best = (float(best['metric']), int(best['epoch']))
         elif self.kept:
             self.best = self.kept[0]

@@ -48,10 +48,10 @@ def folder_splits(root: str, train_split: str = 'train') -> Tuple[str, str]:
     require_dir(root)
     train_dir = os.path.join(root, train_split)
     val_dir = next((os.path.join(root, s) for s in EVAL_SPLIT_NAMES if os.path.isdir(os.path.join(root, s))), None)
-    if not os.path.isdir(train_dir) or val_dir is None:
-        missing = ' and '.join(n for n, ok in ((f'{train_split}/', os.path.isdir(train_dir)),
-                                               ('val/ (or validation/)', val_dir is not None)) if not ok)
-        raise DataError(f'data dir {root} has no {missing}; found: {_listing(root)}. '
+    missing = [name for name, present in ((f'{train_split}/', os.path.isdir(train_dir)),
+                                          ('val/ (or validation/)', val_dir is not None)) if not present]
+    if missing:
+        raise DataError(f'data dir {root} has no {" and ".join(missing)}; found: {_listing(root)}. '
                         f'Expected layout: {LAYOUT.format(root=root)}.')
     return train_dir, val_dir
 

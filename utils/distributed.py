@@ -30,12 +30,14 @@ def default_device() -> str:
     return 'cuda' if torch.cuda.is_available() else 'cpu'
 
 
-def init_runtime(device: Optional[str] = None, backend: Optional[str] = None) -> Runtime:
+def init_runtime(device: Optional[str] = None, backend: Optional[str] = None, threads: int = 0) -> Runtime:
     """Pick the device (CUDA when available unless `device` says otherwise) and join torchrun's group.
 
     Under torchrun (WORLD_SIZE > 1) each process takes the GPU of its local rank; timm chooses the
-    backend from the device type: NCCL for CUDA, gloo for CPU.
+    backend from the device type: NCCL for CUDA, gloo for CPU. `threads` > 0 sets torch's CPU threads.
     """
+    if threads > 0:
+        torch.set_num_threads(threads)
     device = device or default_device()
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise OptionError(f'--device {device} asks for CUDA, but CUDA is not available on this machine; '

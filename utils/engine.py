@@ -92,7 +92,7 @@ def train_one_epoch(epoch: int, model, loader, optimizer, loss_fn, runtime: Runt
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(
-                    f'the loss became {loss_value} at epoch {epoch}, step {step}/{steps}; stopped before applying '
+                    f'the loss became {loss_value} at epoch {epoch}, step {step + 1}/{steps}; stopped before applying '
                     f'it, so the checkpoints on disk are the last good ones. Try a lower --lr, a longer '
                     f'--warmup-epochs, --clip-grad, or training without --amp/--apex-amp.')
             _backward_and_step(loss / group_size, model, optimizer, settings, need_update)

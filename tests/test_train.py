@@ -1,0 +1,282 @@
+"""train.py and distributed_train.sh on CPU: tiny PosMLPs on generated image folders, a few steps each."""
+import csv
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import timm
+import torch
+import yaml
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, NativeScaler
+
+from conftest import ROOT, TINY_KWARGS, TINY_MODEL_ARGS, make_image_folder, script_env
+
+import train
+from utils.args import parse_train_args
+from utils.checkpointing import CheckpointKeeper, resume_training, training_state
+
+FAST = ['-b', '4', '-j', '0', '--threads', '1', '--warmup-epochs', '0', '--cooldown-epochs', '0', '--log-interval', '1']
+SUMMARY_COLUMNS = ['epoch', 'lr', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5']
+EMA_COLUMNS = ['ema_loss', 'ema_top1', 'ema_top5']
+# The two command lines of the authors' README, as users type them.
+AUTHORS_COMMAND = (
+    '--model posmlp_t -b 256 -j 8 --opt adamw --epochs 300 --sched cosine --apex-amp --img-size 224 '
+    '--drop-path 0.1 --lr 2e-3 --weight-decay 0.05 --remode pixel --reprob 0.25 --aa rand-m9-mstd0.5-inc1 '
+    '--smoothing 0.1 --mixup 0.8 --cutmix 1.0 --warmup-lr 1e-6 --warmup-epochs 20').split()
+SHORT_COMMAND = ['--model', 'posmlp_s']
+
+
+pytestmark = pytest.mark.usefixtures('in_process_run')
+
+
+def run_script(args, cwd, timeout=240) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=script_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def read_summary(run_dir):
+    with open(run_dir / 'summary.csv', newline='') as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def load_checkpoint(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def train_in_process(data, out, experiment, *extra) -> int:
+    return train.main([str(data), *TINY_MODEL_ARGS, *FAST, '--output', str(out), '--experiment', experiment, *extra])
+
+
+def test_two_epochs_write_the_run_folder_and_plain_checkpoints(tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'data')
+    out = tmp_path / 'out'
+    assert train_in_process(data, out, 'run', '--epochs', '2', '--model-ema', '--checkpoint-hist', '1') == 0
+    run = out / 'run'
+    assert {p.name for p in run.iterdir()} >= {'args.yaml', 'summary.csv', 'train.log', 'last.pth.tar',
+                                              'model_best.pth.tar'}
+    assert len(list(run.glob('checkpoint-*.pth.tar'))) == 1
+    columns, rows = read_summary(run)
+    assert columns == SUMMARY_COLUMNS + EMA_COLUMNS
+    assert [int(r['epoch']) for r in rows] == [0, 1]
+
+    last = load_checkpoint(run / 'last.pth.tar')
+    assert last['epoch'] == 1 and last['version'] == 2 and last['model_name'] == 'posmlp_t'
+    assert last['model_kwargs']['embed_dims'] == TINY_KWARGS['embed_dims'] and last['model_kwargs']['num_classes'] == 3
+    assert isinstance(last['args'], dict) and last['args']['model_ema'] is True
+    assert set(last) >= {'state_dict', 'state_dict_ema', 'optimizer', 'scheduler', 'scaler', 'metric'}
+    assert not any(k.startswith('module.') for k in last['state_dict'])
+    assert last['metric'] == float(rows[1]['eval_top1'])
+
+    log = (run / 'train.log').read_text()
+    assert 'Train: 1 [   4/4 (100%)]' in log and 'img/s' in log and 'eta' in log and 'data' in log
+    assert 'Epoch 1 done' in log and 'ema loss' in log
+
+    # args.yaml is a config that reproduces the run's options.
+    again = parse_train_args(['-c', str(run / 'args.yaml')])
+    saved = yaml.safe_load((run / 'args.yaml').read_text())
+    assert {k: v for k, v in vars(again).items() if k != 'config'} == {k: v for k, v in saved.items() if k != 'config'}
+
+
+def test_config_sets_defaults_and_the_command_line_overrides_it(tmp_path):
+    config = tmp_path / 'run.yaml'
+    config.write_text('lr: 2e-3\nepochs: 7\ndrop-path: 0.2\nmodel_kwargs: {gate: lrpe}\nmodel_ema: true\n')
+    args = parse_train_args(['-c', str(config), 'somewhere', '--epochs', '3', '--model-kwargs', 'gate=sgu'])
+    assert args.lr == 0.002 and args.drop_path == 0.2 and args.model_ema is True
+    assert args.epochs == 3 and args.model_kwargs == {'gate': 'sgu'} and args.data_dir == 'somewhere'
+    assert args.batch_size == 128  # untouched default
+
+
+@pytest.mark.parametrize('text, message', [
+    ('learning_rate: 0.1\n', "unknown key 'learning_rate'"),
+    ('lr: fast\n', "lr: 'fast' is not a valid float"),
+    ('amp: 1.0\n', 'amp is an on/off option'),
+    ('eval_metric: top3\n', "eval_metric: 'top3' is not one of"),
+])
+def test_bad_config_is_named(tmp_path, capsys, text, message):
+    config = tmp_path / 'bad.yaml'
+    config.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_train_args(['-c', str(config), 'data'])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_config_file_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_train_args(['-c', str(tmp_path / 'nope.yaml')])
+    assert 'nope.yaml does not exist' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('case, message', [
+    ('missing', 'does not exist'),
+    ('no_val', 'has no val/ (or validation/); found: train. Expected layout'),
+    ('flat', 'has no train/ and val/ (or validation/); found: a, b'),
+])
+def test_bad_data_dir_is_named(tmp_path, capsys, case, message):
+    data = tmp_path / 'data'
+    if case == 'no_val':
+        make_image_folder(data, per_class=1, splits=('train',))
+    elif case == 'flat':
+        make_image_folder(data, classes=('a', 'b'), per_class=1, splits=('.',))
+    assert train_in_process(data, tmp_path / 'out', 'bad', '--epochs', '1') == 1
+    out = capsys.readouterr().out
+    assert message in out and 'Traceback' not in out
+
+
+@pytest.mark.parametrize('flag', ['--resume', '--initial-checkpoint'])
+def test_missing_checkpoint_is_named(tmp_path, capsys, flag):
+    data = make_image_folder(tmp_path / 'data', per_class=2)
+    missing = tmp_path / 'nowhere.pth.tar'
+    assert train_in_process(data, tmp_path / 'out', 'x', '--epochs', '1', flag, str(missing)) == 1
+    assert f"checkpoint '{missing}' does not exist" in capsys.readouterr().out
+
+
+def test_unreadable_images_are_skipped_counted_and_bounded(tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'data')
+    (data / 'train' / 'a' / 'a_0.png').write_bytes(b'not a png')
+    assert train_in_process(data, tmp_path / 'out', 'one_bad', '--epochs', '1', '--max-bad-images', '1') == 0
+    out = capsys.readouterr().out
+    assert 'Skipped unreadable image' in out and 'a_0.png' in out
+    assert '1 unreadable images skipped' in out
+
+    (data / 'train' / 'b' / 'b_0.png').write_bytes(b'')
+    assert train_in_process(data, tmp_path / 'out', 'two_bad', '--epochs', '1', '--max-bad-images', '1') == 1
+    assert '2 images could not be read, more than the 1 allowed' in capsys.readouterr().out
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'data')
+    # Epoch 0 warms up at a sane lr; epoch 1 jumps to an absurd one and the loss overflows.
+    code = train_in_process(data, tmp_path / 'out', 'nan', '--epochs', '3', '--warmup-epochs', '1',
+                            '--warmup-lr', '1e-4', '--opt', 'sgd', '--lr', '1e30', '--clip-grad', '0',
+                            '--mixup', '0', '--cutmix', '0')
+    assert code == 1
+    out = capsys.readouterr().out
+    assert 'the loss became nan at epoch 1' in out and 'lower --lr' in out
+    last = load_checkpoint(tmp_path / 'out' / 'nan' / 'last.pth.tar')
+    assert last['epoch'] == 0
+    assert all(torch.isfinite(v).all() for v in last['state_dict'].values() if v.is_floating_point())
+
+
+def test_initial_checkpoint_fine_tunes_with_a_new_head(tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'data', per_class=2)
+    assert train_in_process(data, tmp_path / 'out', 'three', '--epochs', '1') == 0
+    source = tmp_path / 'out' / 'three' / 'last.pth.tar'
+    two_classes = make_image_folder(tmp_path / 'data2', classes=('x', 'y'), per_class=2)
+    assert train_in_process(two_classes, tmp_path / 'out', 'two', '--epochs', '1',
+                            '--initial-checkpoint', str(source)) == 0
+    assert '3-class head dropped' in capsys.readouterr().out
+    tuned = load_checkpoint(tmp_path / 'out' / 'two' / 'last.pth.tar')
+    assert tuned['state_dict']['head.weight'].shape[0] == 2
+
+
+def _training_objects(seed):
+    torch.manual_seed(seed)
+    model = timm.create_model('posmlp_t', num_classes=3, **TINY_KWARGS)
+    optimizer = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05)
+    scheduler, _ = create_scheduler_v2(optimizer, 'cosine', num_epochs=5, warmup_epochs=1, updates_per_epoch=2)
+    return model, optimizer, scheduler, NativeScaler(device='cpu'), ModelEmaV3(model, decay=0.9)
+
+
+def test_resume_restores_optimizer_scheduler_scaler_and_ema(tmp_path):
+    model, optimizer, scheduler, scaler, ema = _training_objects(0)
+    images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    for _ in range(3):
+        scaler(torch.nn.functional.cross_entropy(model(images), targets), optimizer, parameters=model.parameters())
+        optimizer.zero_grad()
+        ema.update(model)
+    scheduler.step(1)
+    keeper = CheckpointKeeper(str(tmp_path))
+    keeper.save(training_state(0, 'posmlp_t', dict(TINY_KWARGS, num_classes=3), model, optimizer, scheduler,
+                               scaler, ema, {'lr': 1e-3}, 50.0))
+
+    fresh = _training_objects(1)
+    assert resume_training(str(tmp_path / 'last.pth.tar'), *fresh) == 1
+    for saved, restored in zip((model, optimizer, scheduler, scaler, ema.module), fresh[:4] + (fresh[4].module,)):
+        assert str(restored.state_dict()) == str(saved.state_dict())
+    assert torch.equal(fresh[0].head.weight, model.head.weight)
+
+
+def test_keeper_ranks_history_and_survives_a_failed_write(tmp_path, monkeypatch):
+    model, optimizer, scheduler, scaler, ema = _training_objects(0)
+    keeper = CheckpointKeeper(str(tmp_path), history=2)
+    for epoch, metric in enumerate([10., 30., 20., 5.]):
+        keeper.save(training_state(epoch, 'posmlp_t', {}, model, optimizer, scheduler, None, None, {}, metric))
+    assert sorted(p.name for p in tmp_path.glob('checkpoint-*')) == ['checkpoint-1.pth.tar', 'checkpoint-2.pth.tar']
+    assert load_checkpoint(tmp_path / 'model_best.pth.tar')['epoch'] == 1 and keeper.best == (30., 1)
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b'half a checkpoint')
+        raise OSError('disk full')
+    monkeypatch.setattr(torch, 'save', broken_save)
+    with pytest.raises(OSError):
+        keeper.save(training_state(4, 'posmlp_t', {}, model, optimizer, scheduler, None, None, {}, 1.))
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / 'last.pth.tar')['epoch'] == 3
+    assert not list(tmp_path.glob('.tmp-*'))
+
+    restored = CheckpointKeeper(str(tmp_path), history=2)
+    restored.restore(3)
+    assert restored.best == (30., 1) and restored.kept == [(30., 1), (20., 2)]
+
+
+def test_killed_run_resumes_where_its_last_checkpoint_left_off(tmp_path):
+    data = make_image_folder(tmp_path / 'data', per_class=12)
+    command = [sys.executable, str(ROOT / 'train.py'), str(data), *TINY_MODEL_ARGS, *FAST, '--epochs', '4',
+               '--model-ema', '--output', str(tmp_path / 'out'), '--experiment', 'killed']
+    run = tmp_path / 'out' / 'killed'
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (run / 'last.pth.tar').exists() and time.time() < deadline and process.poll() is None:
+            time.sleep(0.02)
+        assert process.poll() is None, 'the run ended before it could be killed'
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    finished = load_checkpoint(run / 'last.pth.tar')['epoch']
+    assert finished < 3
+
+    result = subprocess.run(command + ['--resume', str(run / 'last.pth.tar')], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f'continuing with epoch {finished + 1}' in result.stdout
+    _, rows = read_summary(run)
+    assert [int(r['epoch']) for r in rows] == [0, 1, 2, 3]
+    last = load_checkpoint(run / 'last.pth.tar')
+    assert last['epoch'] == 3
+    updates_per_epoch = 3 * 12 // 4
+    # The optimizer's step count carried over the kill: every update of the 4 epochs is in it.
+    assert float(last['optimizer']['state'][0]['step']) == 4 * updates_per_epoch
+
+
+def test_authors_command_line_runs_on_two_processes(tmp_path):
+    data = make_image_folder(tmp_path / 'data', per_class=8)
+    overrides = ['-b', '4', '-j', '0', '--threads', '1', '--img-size', '32', *TINY_MODEL_ARGS, '--epochs', '1',
+                 '--cooldown-epochs', '0', '--max-steps-per-epoch', '2',
+                 '--output', str(tmp_path / 'out'), '--experiment', 'authors']
+    result = run_script(['bash', str(ROOT / 'distributed_train.sh'), '2', str(data), *AUTHORS_COMMAND, *overrides],
+                        cwd=tmp_path)
+    assert 'on cpu, 2 process(es)' in result.stdout
+    assert (result.stdout + result.stderr).count('--apex-amp: NVIDIA apex is not installed') == 1
+    assert 'Train: 0 [   2/2 (100%)]' in result.stdout
+    _, rows = read_summary(tmp_path / 'out' / 'authors')
+    assert len(rows) == 1
+    args = load_checkpoint(tmp_path / 'out' / 'authors' / 'last.pth.tar')['args']
+    assert args['mixup'] == 0.8 and args['aa'] == 'rand-m9-mstd0.5-inc1' and args['apex_amp'] is True
+
+
+def test_short_command_line_runs(tmp_path):
+    data = make_image_folder(tmp_path / 'data', per_class=2)
+    overrides = [*TINY_MODEL_ARGS, *FAST, '--epochs', '1', '--max-steps-per-epoch', '1',
+                 '--output', str(tmp_path / 'out'), '--experiment', 'short']
+    result = run_script(['bash', str(ROOT / 'distributed_train.sh'), '1', str(data), *SHORT_COMMAND, *overrides],
+                        cwd=tmp_path)
+    assert 'Model posmlp_s' in result.stdout and 'configs/posmlp_s.yaml holds the paper' in result.stdout
+    assert load_checkpoint(tmp_path / 'out' / 'short' / 'last.pth.tar')['model_name'] == 'posmlp_s'

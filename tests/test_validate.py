@@ -1,0 +1,140 @@
+"""validate.py and eval.sh: project and authors' checkpoints, N processes, and bad input."""
+import csv
+import json
+import re
+import subprocess
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import (
+    ROOT, TINY_KWARGS, TINY_MODEL_ARGS, make_image_folder, reference_path, restored_process_state, script_env,
+)
+
+import models
+import train
+import validate
+from utils.data import create_eval_transform, resolve_input_config
+
+
+pytestmark = pytest.mark.usefixtures('in_process_run')
+FAST = ['-b', '4', '-j', '0', '--threads', '1', '--warmup-epochs', '0', '--cooldown-epochs', '0']
+
+
+@pytest.fixture(scope='module')
+def trained_run(tmp_path_factory):
+    """Two epochs with EMA, checkpoints ranked by the EMA model (what eval.sh evaluates by default)."""
+    tmp = tmp_path_factory.mktemp('trained')
+    data = make_image_folder(tmp / 'data', per_class=5)
+    with restored_process_state():
+        code = train.main([str(data), *TINY_MODEL_ARGS, *FAST, '--epochs', '2', '--model-ema',
+                           '--model-ema-decay', '0.5', '--best-from-ema', '--output', str(tmp / 'out'),
+                           '--experiment', 'run'])
+    assert code == 0
+    return data, tmp / 'out' / 'run'
+
+
+def eval_sh(val_dir, checkpoint, *extra, num_proc=1) -> subprocess.CompletedProcess:
+    env = script_env(NUM_PROC=str(num_proc))
+    result = subprocess.run(['bash', str(ROOT / 'eval.sh'), str(val_dir), str(checkpoint), '-j', '0',
+                             '--threads', '1', *extra], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_eval_sh_prints_the_top1_training_logged(trained_run, tmp_path):
+    data, run = trained_run
+    best = torch.load(run / 'model_best.pth.tar', weights_only=True)
+    logged = re.search(rf'Epoch {best["epoch"]} done .*\| ema loss \S+  top1 (\S+) .*\(new best\)',
+                       (run / 'train.log').read_text()).group(1)
+    results_file = tmp_path / 'results.json'
+    result = eval_sh(data / 'val', run / 'model_best.pth.tar', '--results-file', str(results_file))
+    assert 'EMA weights (state_dict_ema)' in result.stdout
+    assert f'top1 {logged} ' in result.stdout
+    results = json.loads(results_file.read_text())
+    assert results['top1'] == best['metric'] and results['weights'] == 'state_dict_ema'
+    assert results['images'] == 15 and results['params'] > 0 and results['img_per_sec'] > 0
+    assert results['input_size'] == [3, 32, 32]
+
+
+def test_n_processes_give_exactly_the_numbers_of_one(trained_run, tmp_path):
+    data, run = trained_run
+    numbers = []
+    for num_proc in (1, 2):
+        results_file = tmp_path / f'results-{num_proc}.csv'
+        # 15 images in batches of 4: uneven shards, where padding would count images twice.
+        eval_sh(data, run / 'last.pth.tar', '--no-ema', '-b', '4', '--results-file', str(results_file),
+                num_proc=num_proc)
+        with open(results_file, newline='') as f:
+            numbers.append(next(csv.DictReader(f)))
+    one, two = numbers
+    assert two['processes'] == '2' and one['images'] == two['images'] == '15'
+    assert (one['top1'], one['top5'], one['weights']) == (two['top1'], two['top5'], 'state_dict')
+    assert float(one['loss']) == pytest.approx(float(two['loss']), rel=1e-6)
+
+
+def test_authors_checkpoint_evaluates_with_its_ema_weights(tmp_path, capsys):
+    checkpoint = reference_path('gqpe_tiny_original_checkpoint.pth.tar')
+    data = make_image_folder(tmp_path / 'data', classes=tuple('abcdefghij'), per_class=1, splits=('val',))
+    assert validate.main([str(data), '--checkpoint', str(checkpoint), '-j', '0']) == 0
+    out = capsys.readouterr().out
+    assert 'EMA weights (state_dict_ema)' in out
+    results = json.loads(out[out.index('{'):])
+    assert results['weights'] == 'state_dict_ema' and results['input_size'] == [3, 224, 224]
+
+    # The same numbers by hand: the model the checkpoint describes, the model's eval transform.
+    model = models.create_model_from_checkpoint(str(checkpoint)).eval()
+    transform = create_eval_transform(resolve_input_config({'img_size': 224}, model))
+    images = sorted((data / 'val').glob('*/*.png'))
+    batch = torch.stack([transform(Image.open(p).convert('RGB')) for p in images])
+    targets = torch.tensor([ord(p.parent.name) - ord('a') for p in images])
+    with torch.no_grad():
+        logits = model(batch)
+    assert results['loss'] == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-5)
+    assert results['top1'] == pytest.approx(100. * (logits.argmax(1) == targets).float().mean().item())
+
+
+def test_live_weights_on_request(tmp_path, capsys):
+    checkpoint = reference_path('gqpe_tiny_original_checkpoint.pth.tar')
+    data = make_image_folder(tmp_path / 'data', classes=tuple('abcdefghij'), per_class=1, splits=('val',))
+    assert validate.main([str(data / 'val'), '--checkpoint', str(checkpoint), '--no-ema', '-j', '0']) == 0
+    assert 'live weights (state_dict)' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('case, message', [
+    ('missing_data', 'does not exist'),
+    ('train_only', 'is neither a validation split'),
+    ('missing_checkpoint', 'does not exist (or is not a file)'),
+    ('no_ema', 'EMA weights were asked for, but the checkpoint has none'),
+])
+def test_bad_input_is_named(tmp_path, capsys, case, message):
+    data = make_image_folder(tmp_path / 'data', per_class=1)
+    train_only = make_image_folder(tmp_path / 'train_only', per_class=1, splits=('train',))
+    checkpoint = tmp_path / 'plain.pth.tar'
+    model = timm.create_model('posmlp_t', num_classes=3, **TINY_KWARGS)
+    models.save_checkpoint_file({'state_dict': model.state_dict(), 'model_name': 'posmlp_t',
+                                 'model_kwargs': dict(TINY_KWARGS, num_classes=3)}, str(checkpoint))
+    argv = {
+        'missing_data': [str(tmp_path / 'nowhere'), '--checkpoint', str(checkpoint)],
+        'train_only': [str(train_only), '--checkpoint', str(checkpoint)],
+        'missing_checkpoint': [str(data), '--checkpoint', str(tmp_path / 'nope.pth.tar')],
+        'no_ema': [str(data), '--checkpoint', str(checkpoint), '--use-ema'],
+    }[case]
+    assert validate.main([*argv, '-j', '0']) == 1
+    out = capsys.readouterr().out
+    assert message in out and 'Traceback' not in out
+
+
+def test_results_file_needs_a_known_format(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        validate.main([str(tmp_path), '--checkpoint', 'x', '--results-file', str(tmp_path / 'r.txt')])
+    assert 'name it .csv or .json' in capsys.readouterr().err
+
+
+def test_eval_sh_usage():
+    result = subprocess.run(['bash', str(ROOT / 'eval.sh'), 'only-one-arg'], capture_output=True, text=True,
+                            env=script_env())
+    assert result.returncode == 2 and 'usage:' in result.stderr
