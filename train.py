@@ -30,7 +30,7 @@ from utils.args import OptionError, parse_train_args, plain_args, write_args_yam
 from utils.checkpointing import CheckpointKeeper, resume_training, training_state
 from utils.data import (
     DataError, build_loader, create_eval_transform, create_train_transform, create_training_datasets,
-    num_classes_of, resolve_input_config, unreadable_count,
+    resolve_input_config, resolve_num_classes, unreadable_count,
 )
 from utils.digits import prepare_digits
 from utils.distributed import barrier, init_runtime, shutdown
@@ -89,7 +89,7 @@ def train(args):
         dataset = ''
     train_set, val_set = create_training_datasets(
         dataset, args.data_dir, args.train_split, args.val_split, args.max_bad_images)
-    num_classes = args.num_classes or num_classes_of(train_set)
+    num_classes = resolve_num_classes(train_set, args.num_classes)
 
     # Model, optionally starting from other weights (fine-tuning re-initialises a head of another size).
     model_kwargs = model_kwargs_from_args(args, num_classes)

@@ -83,6 +83,19 @@ def test_two_epochs_write_the_run_folder_and_plain_checkpoints(tmp_path, capsys)
     assert {k: v for k, v in vars(again).items() if k != 'config'} == {k: v for k, v in saved.items() if k != 'config'}
 
 
+def test_accumulation_bfloat16_channels_last_and_compile_on_cpu(tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'data')
+    assert train_in_process(data, tmp_path / 'out', 'options', '--epochs', '1', '--grad-accum-steps', '3',
+                            '--amp', '--amp-dtype', 'bfloat16', '--channels-last', '--torchcompile', 'eager',
+                            '--sched-on-updates', '--model-ema', '--log-wandb') == 0
+    out = capsys.readouterr().out
+    assert 'native AMP (bfloat16)' in out and '4 steps and 2 updates each' in out
+    assert out.count('WARNING') == 1 and 'wandb package is not installed' in out
+    last = load_checkpoint(tmp_path / 'out' / 'options' / 'last.pth.tar')
+    assert float(last['optimizer']['state'][0]['step']) == 2 and last['scaler'] is None
+    assert 'stem.conv1.weight' in last['state_dict']  # saved unwrapped from the compiled model
+
+
 def test_config_sets_defaults_and_the_command_line_overrides_it(tmp_path):
     config = tmp_path / 'run.yaml'
     config.write_text('lr: 2e-3\nepochs: 7\ndrop-path: 0.2\nmodel_kwargs: {gate: lrpe}\nmodel_ema: true\n')

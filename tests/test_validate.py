@@ -60,6 +60,16 @@ def test_eval_sh_prints_the_top1_training_logged(trained_run, tmp_path):
     assert results['input_size'] == [3, 32, 32]
 
 
+def test_bfloat16_and_channels_last_evaluate_close_to_float32(trained_run, capsys):
+    data, run = trained_run
+    numbers = []
+    for extra in ([], ['--amp', '--amp-dtype', 'bfloat16', '--channels-last']):
+        assert validate.main([str(data), '--checkpoint', str(run / 'last.pth.tar'), '-j', '0', *extra]) == 0
+        out = capsys.readouterr().out
+        numbers.append(json.loads(out[out.index('{'):]))
+    assert numbers[1]['loss'] == pytest.approx(numbers[0]['loss'], rel=0.05)
+
+
 def test_n_processes_give_exactly_the_numbers_of_one(trained_run, tmp_path):
     data, run = trained_run
     numbers = []

@@ -158,6 +158,15 @@ def class_to_idx(dataset: Dataset) -> Optional[dict]:
     return getattr(reader, 'class_to_idx', None) or getattr(dataset, 'class_to_idx', None)
 
 
+def resolve_num_classes(dataset: Dataset, requested: Optional[int]) -> int:
+    """The head size: `requested` if given (and not below the class folders found), else the dataset's count."""
+    mapping = class_to_idx(dataset)
+    if requested and mapping and len(mapping) > requested:
+        raise DataError(f'--num-classes {requested} is fewer than the {len(mapping)} classes of the training split; '
+                        f'leave it out to use the class count of the data.')
+    return requested or num_classes_of(dataset)
+
+
 def num_classes_of(dataset: Dataset) -> int:
     mapping = class_to_idx(dataset)
     if mapping:

@@ -34,6 +34,8 @@ def prepare_digits(root, size: int = 32, val_fraction: float = 0.2, seed: int = 
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
+    if not root:
+        raise DataError('the digits need a folder to be written to: give a data dir, e.g. --data-dir data/digits.')
     root = Path(root)
     if digits_ready(root):
         return root
