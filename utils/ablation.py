@@ -254,7 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
 def run_ablation(args, extra: Sequence[str]):
     if not 0 < args.reduced_fraction < 1:
         raise AblationError(f'--reduced-fraction {args.reduced_fraction}: give a share between 0 and 1, e.g. 0.1.')
