@@ -68,8 +68,7 @@ def train_one_epoch(epoch: int, model, loader, optimizer, loss_fn, runtime: Runt
     optimizer.zero_grad()
     accum = settings.grad_accum_steps
     steps = settings.steps
-    loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
-    samples = 0
+    loss_sum, samples = 0., 0
     batch_time, data_time, losses = AverageMeter(), AverageMeter(), AverageMeter()
     end = time.time()
     for step, (images, targets) in enumerate(loader):
@@ -104,7 +103,7 @@ def train_one_epoch(epoch: int, model, loader, optimizer, loss_fn, runtime: Runt
             if scheduler is not None:
                 scheduler.step_update(num_updates=num_updates)
 
-        loss_sum += loss.detach().double() * images.shape[0]
+        loss_sum += loss_value * images.shape[0]
         samples += images.shape[0]
         losses.update(loss_value, images.shape[0])
         batch_time.update(time.time() - end)
