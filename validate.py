@@ -81,11 +81,9 @@ def validate_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def training_data_options(path: str) -> dict:
+def training_data_options(loaded: models.LoadedCheckpoint) -> dict:
     """The input options a checkpoint's training run used (its `args`), so evaluation sees the same input."""
-    args = models.load_checkpoint_file(path).get('args')
-    args = vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, dict) else {})
-    return {k: args[k] for k in DATA_OPTIONS if args.get(k) not in (None, '')}
+    return {k: loaded.args[k] for k in DATA_OPTIONS if loaded.args.get(k) not in (None, '')}
 
 
 def write_results(path: str, results: dict):
@@ -124,7 +122,7 @@ def validate(args) -> dict:
         raise DataError(f'{data_dir} has {data_classes} classes but the model predicts {model_classes}; '
                         f'evaluate it on the validation split of the data it was trained on.')
 
-    options = training_data_options(args.checkpoint)
+    options = training_data_options(loaded)
     options.update({k: getattr(args, k, None) for k in DATA_OPTIONS if getattr(args, k, None) is not None})
     data_config = resolve_input_config(options, model)
     dataset.transform = create_eval_transform(data_config)

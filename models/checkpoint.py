@@ -93,6 +93,7 @@ class LoadedCheckpoint:
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
     epoch: Optional[int] = None
     metric: Optional[float] = None
+    args: Dict[str, Any] = field(default_factory=dict)  # the training options, as plain data
 
 
 def read_checkpoint(path: str, use_ema: Optional[bool] = None) -> LoadedCheckpoint:
@@ -100,6 +101,8 @@ def read_checkpoint(path: str, use_ema: Optional[bool] = None) -> LoadedCheckpoi
     checkpoint = load_checkpoint_file(path)
     state_dict, weights = select_state_dict(checkpoint, use_ema)
     model_name = checkpoint.get('model_name') if isinstance(checkpoint.get('model_name'), str) else None
+    args = checkpoint.get('args')
+    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
     return LoadedCheckpoint(
         path=path,
         state_dict=checkpoint_filter_fn(state_dict),
@@ -108,6 +111,7 @@ def read_checkpoint(path: str, use_ema: Optional[bool] = None) -> LoadedCheckpoi
         model_kwargs=dict(checkpoint.get('model_kwargs') or {}),
         epoch=checkpoint.get('epoch'),
         metric=checkpoint.get('metric'),
+        args=args,
     )
 
 
