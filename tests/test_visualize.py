@@ -30,25 +30,35 @@ def sgu_checkpoint(tmp_path_factory):
     return path, model
 
 
-def test_gqpe_fixture_maps(tmp_path):
-    checkpoint = reference_path('gqpe_tiny_original_checkpoint.pth.tar')
+@pytest.fixture(scope='module')
+def gqpe_fixture():
+    path = reference_path('gqpe_tiny_original_checkpoint.pth.tar')
+    return path, models.create_model_from_checkpoint(str(path))
+
+
+@pytest.fixture(scope='module')
+def lrpe_fixture():
+    path = reference_path('lrpe_tiny_original_checkpoint.pth.tar')
+    return path, models.create_model_from_checkpoint(str(path))
+
+
+def test_gqpe_fixture_maps(tmp_path, gqpe_fixture):
+    checkpoint, model = gqpe_fixture
     out = tmp_path / 'gqpe.png'
-    assert visualize.main(['maps', '--checkpoint', str(checkpoint), '--blocks', '0.0', '1.0',
+    assert visualize.main(['maps', '--checkpoint', str(checkpoint), '--blocks', '0.0',
                            '--token', 'center', '--out', str(out)]) == 0
     assert_png(out)
-    model = models.create_model_from_checkpoint(str(checkpoint))
     maps = visualize.block_token_maps(model, 0, 0, 'center')
     assert maps.kind == 'GQPE' and maps.token == (7, 7) and maps.maps.shape == (8, 14, 14)
     # Each group's row is a softmax over the window's input tokens.
     torch.testing.assert_close(maps.maps.sum((1, 2)), torch.ones(8))
 
 
-def test_lrpe_fixture_maps(tmp_path):
-    checkpoint = reference_path('lrpe_tiny_original_checkpoint.pth.tar')
+def test_lrpe_fixture_maps(tmp_path, lrpe_fixture):
+    checkpoint, model = lrpe_fixture
     out = tmp_path / 'lrpe.png'
     assert visualize.draw_token_maps(str(checkpoint), ['0.0'], str(out), token='3,4') == str(out)
     assert_png(out)
-    model = models.create_model_from_checkpoint(str(checkpoint))
     maps = visualize.block_token_maps(model, 0, 0, '3,4')
     expected = model.stages[0].blocks[0].gate.pos()[:, 3 * 14 + 4].view(-1, 14, 14)
     assert maps.kind == 'LRPE' and maps.signed

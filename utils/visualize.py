@@ -157,10 +157,11 @@ def _draw_block(subfig, token_maps: TokenMaps):
         _mark_token(ax, *token_maps.token)
         ax.set_title('all channels' if token_maps.kind == 'SGU' else f'group {g}', fontsize=8)
     w = token_maps.win_size
-    subfig.suptitle(f'block {token_maps.stage}.{token_maps.block}: {token_maps.kind}, {w}x{w} window, '
+    subfig.suptitle(f'block {token_maps.stage}.{token_maps.block}: {token_maps.kind}, {w}x{w} window\n'
                     f'output token (row {token_maps.token[0]}, col {token_maps.token[1]}) outlined', fontsize=9)
-    label = 'mixing weight (softmax)' if token_maps.kind == 'GQPE' else 'mixing weight'
-    subfig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9, label=label)
+    # Short labels: a long one is clipped by a one-row block's height.
+    subfig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9,
+                    label='softmax weight' if token_maps.kind == 'GQPE' else 'weight')
 
 
 def draw_token_maps(checkpoint: str, blocks: Sequence[str], out: str, token: str = 'center',
@@ -172,14 +173,14 @@ def draw_token_maps(checkpoint: str, blocks: Sequence[str], out: str, token: str
     model = models.create_model_from_checkpoint(checkpoint, use_ema=use_ema).eval()
     all_maps = [block_token_maps(model, *parse_block(spec, model), token) for spec in blocks]
     grid_rows = [math.ceil(m.maps.shape[0] / MAX_GROUP_COLUMNS) for m in all_maps]
-    # Room for each block's title and every subplot row; a single map (SGU) gets a wider panel.
-    heights = [0.5 + 1.3 * r for r in grid_rows]
+    # Room for each block's two-line title and every subplot row; never narrower than those titles.
+    heights = [0.7 + 1.3 * r for r in grid_rows]
     width = max(4.0, 1.3 * min(max(m.maps.shape[0] for m in all_maps), MAX_GROUP_COLUMNS) + 1.5)
     fig = plt.figure(figsize=(width, sum(heights) + (0.4 if title else 0)), layout='constrained')
     subfigs = fig.subfigures(len(all_maps), 1, height_ratios=heights, squeeze=False).ravel()
     for subfig, token_maps in zip(subfigs, all_maps):
         _draw_block(subfig, token_maps)
-    fig.suptitle(title or os.path.basename(checkpoint), fontsize=10)
+    fig.suptitle(title or os.path.basename(checkpoint), fontsize=10, wrap=True)
     return _save(fig, plt, out)
 
 
