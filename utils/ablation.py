@@ -19,6 +19,7 @@ import csv
 import json
 import os
 import random
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -308,7 +309,7 @@ def run_ablation(args, extra: Sequence[str]):
                       f'(epoch {results[-1]["best_epoch"]}), {record["seconds"]:.0f} s', flush=True)
 
     total_seconds = sum(r['seconds'] for r in results)
-    command = ' '.join(['python -m utils.ablation', *(argv_for_table(args)), *(['--', *extra] if extra else [])])
+    command = shlex.join(['python', '-m', 'utils.ablation', *argv_for_table(args), *(['--', *extra] if extra else [])])
     val_images = count_images(next(iter(regimes.values())).data_dir / 'val')
     header = [
         f'Gate ablation on {data_dir.name}: recipe {args.config} for every run, only the gate differs. '
@@ -316,6 +317,9 @@ def run_ablation(args, extra: Sequence[str]):
         f'- final epoch: the model at the end of training; best epoch: the highest per-epoch validation '
         f'top-1 (chosen on the validation set, so optimistic).',
     ]
+    if extra_model_kwargs:
+        header.append(f'- architecture changed from the config for every gate: '
+                      f'{", ".join(f"{k}={v}" for k, v in extra_model_kwargs.items())}.')
     if 'reduced' in regimes:
         header.append(f'- reduced: {args.reduced_fraction:g} of every class of the training split (one subset, '
                       f'seed {args.subset_seed}, listed in reduced_train_images.txt), {scale}x the epochs and '
