@@ -97,10 +97,12 @@ def test_accumulation_bfloat16_and_channels_last_on_cpu(tmp_path, capsys):
 
 def test_config_sets_defaults_and_the_command_line_overrides_it(tmp_path):
     config = tmp_path / 'run.yaml'
-    config.write_text('lr: 2e-3\nepochs: 7\ndrop-path: 0.2\nmodel_kwargs: {gate: lrpe}\nmodel_ema: true\n')
+    config.write_text('lr: 2e-3\nepochs: 7\ndrop-path: 0.2\nmodel_kwargs: {gate: lrpe, depths: [1, 1, 1, 1]}\n'
+                      'model_ema: true\n')
     args = parse_train_args(['-c', str(config), 'somewhere', '--epochs', '3', '--model-kwargs', 'gate=sgu'])
     assert args.lr == 0.002 and args.drop_path == 0.2 and args.model_ema is True
-    assert args.epochs == 3 and args.model_kwargs == {'gate': 'sgu'} and args.data_dir == 'somewhere'
+    assert args.epochs == 3 and args.data_dir == 'somewhere'
+    assert args.model_kwargs == {'gate': 'sgu', 'depths': [1, 1, 1, 1]}  # merged key by key
     assert args.batch_size == 128  # untouched default
 
 

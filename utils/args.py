@@ -41,6 +41,16 @@ def write_args_yaml(args: argparse.Namespace, path: str):
         yaml.safe_dump(plain_args(args), f, sort_keys=False)
 
 
+class MergeKwargs(ParseKwargs):
+    """KEY=VALUE options that update the mapping a config file gave, key by key, instead of replacing it:
+    `-c configs/quickstart.yaml --model-kwargs gate=lrpe` keeps the config's architecture."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        base = dict(getattr(namespace, self.dest, None) or {})
+        super().__call__(parser, namespace, values, option_string)
+        setattr(namespace, self.dest, {**base, **getattr(namespace, self.dest)})
+
+
 def _is_flag(action: argparse.Action) -> bool:
     return action.nargs == 0
 
@@ -143,8 +153,9 @@ def train_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group('Model')
     group.add_argument('--model', default='posmlp_t', help='timm model name')
-    group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
-                       help='more model arguments, values as Python literals: gate=lrpe depths="(2,2,6,2)"')
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=MergeKwargs, metavar='KEY=VALUE',
+                       help='more model arguments, values as Python literals: gate=lrpe depths="(2,2,6,2)"; '
+                            'they update the config file\'s model_kwargs key by key')
     group.add_argument('--initial-checkpoint', default='', metavar='PATH',
                        help='start from these weights (EMA ones when present); a head of another class '
                             'count is re-initialised (fine-tuning)')
