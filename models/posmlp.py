@@ -385,7 +385,6 @@ class PosMLPStage(nn.Module):
             for i in range(depth)
         ])
         self.grad_checkpointing = False
-        self.dynamic_pad = True
 
     def _invalid_tokens(self, H: int, W: int, Hp: int, Wp: int, device: torch.device) -> torch.Tensor:
         valid = torch.zeros(1, Hp, Wp, 1, dtype=torch.bool, device=device)
