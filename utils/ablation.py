@@ -315,7 +315,7 @@ def run_ablation(args, extra: Sequence[str]):
         f'Gate ablation on {data_dir.name}: recipe {args.config} for every run, only the gate differs. '
         f'Top-1 in % on the {val_images} validation images; mean ± sample std over {len(args.seeds)} seed(s).',
         '- final epoch: the model at the end of training; best epoch: the highest per-epoch validation '
-        f'top-1 (chosen on the validation set, so optimistic).',
+        'top-1 (chosen on the validation set, so optimistic).',
     ]
     if extra_model_kwargs:
         header.append(f'- architecture changed from the config for every gate: '
