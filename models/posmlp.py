@@ -193,6 +193,8 @@ class PoSGU(nn.Module):
         # contiguous block of rows in the channel-major layout of `forward_channel_major`.
         order = torch.arange(gate_dim).view(gate_dim // gamma, gamma).t().flatten()
         self.register_buffer('group_major_order', order, persistent=False)
+        # The same order for both halves (u, v) of the expansion that feeds the gate.
+        self.register_buffer('group_major_rows', torch.cat([order, order + gate_dim]), persistent=False)
         self._cached_maps: Optional[torch.Tensor] = None
         self._cache_key: Optional[tuple] = None
 
@@ -311,8 +313,7 @@ class PosMLPBlock(nn.Module):
 
     def _forward_channel_major(self, x: torch.Tensor, invalid_tokens: Optional[torch.Tensor]) -> torch.Tensor:
         B, nW, N, C = x.shape
-        order = self.gate.group_major_order
-        rows = torch.cat([order, order + order.numel()])
+        order, rows = self.gate.group_major_order, self.gate.group_major_rows
         tokens = self.norm(x).view(-1, C)
         h = self.act(torch.addmm(self.fc1.bias[rows, None], self.fc1.weight[rows], tokens.t()))
         half = order.numel()
