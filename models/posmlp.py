@@ -163,6 +163,13 @@ class LRPE(nn.Module):
         return maps
 
 
+def group_major(t: torch.Tensor, gamma: int, dim: int = 0, halves: int = 1) -> torch.Tensor:
+    """Reorder the channels on `dim` group by group (channel k is in group k % gamma), in each of
+    `halves` equal halves separately. A strided copy, whose backward is a copy too."""
+    shape = t.shape
+    return t.unflatten(dim, (halves, -1, gamma)).transpose(dim + 1, dim + 2).reshape(shape)
+
+
 def mix_groups_reference(u: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     """Readable group-wise token mixing. u: (B, nW, N, D); channel k is in group k % gamma."""
     B, nW, N, D = u.shape
@@ -187,14 +194,9 @@ class PoSGU(nn.Module):
         gate_dim = dim // 2
         if dim % 2 or gate_dim % gamma:
             raise ValueError(f'PoSGU: half of the hidden width ({dim} / 2) must divide into gamma={gamma} groups.')
+        self.gamma = gamma
         self.pos = GQPE(win_size, gamma, generalized) if pos_enc == 'gqpe' else LRPE(win_size, gamma)
         self.token_bias = nn.Parameter(torch.zeros(1, win_size * win_size, 1))
-        # Channel k belongs to group k % gamma; listing channels group by group makes every group a
-        # contiguous block of rows in the channel-major layout of `forward_channel_major`.
-        order = torch.arange(gate_dim).view(gate_dim // gamma, gamma).t().flatten()
-        self.register_buffer('group_major_order', order, persistent=False)
-        # The same order for both halves (u, v) of the expansion that feeds the gate.
-        self.register_buffer('group_major_rows', torch.cat([order, order + gate_dim]), persistent=False)
         self._cached_maps: Optional[torch.Tensor] = None
         self._cache_key: Optional[tuple] = None
 
@@ -234,10 +236,12 @@ class PoSGU(nn.Module):
             v: torch.Tensor,
             num_windows: int,
             invalid_tokens: Optional[torch.Tensor] = None,
+            inplace: bool = False,
     ) -> torch.Tensor:
-        """The gate on channel-major halves u, v: (D, M), channels in `group_major_order`, tokens
+        """The gate on channel-major halves u, v: (D, M), channels in `group_major` order, tokens
         M = (B, nW, N) flattened. Group g's rows are then a (D / gamma * B * nW, N) matrix, so the
-        mixing is one batched GEMM over groups on views, with the token bias added inside (baddbmm)."""
+        mixing is one batched GEMM over groups on views, with the token bias added inside (baddbmm).
+        inplace=True multiplies by v in the mixing's own output (only where autograd is off)."""
         D, M = u.shape
         maps = self.maps(invalid_tokens).to(u.dtype)
         gamma, N = maps.shape[-3], maps.shape[-1]
@@ -247,7 +251,8 @@ class PoSGU(nn.Module):
         else:  # per-window maps (padded input): windows join the batch
             rows = u.view(gamma, -1, num_windows, N).transpose(1, 2)
             mixed = (torch.matmul(rows, maps.transpose(0, 1).transpose(-1, -2)) + bias).transpose(1, 2)
-        return mixed.reshape(D, M) * v
+        mixed = mixed.reshape(D, M)
+        return mixed.mul_(v) if inplace else mixed * v
 
 
 class SGU(nn.Module):
@@ -278,9 +283,11 @@ class PosMLPBlock(nn.Module):
     """x + DropPath(Dropout(fc2(gate(GELU(fc1(LN(x))))))) on windowed tokens (B, nW, N, C).
 
     With a PoSGU gate and impl='fast' the block runs channel-major: fc1 writes (2D, tokens) with its
-    rows gathered into the gate's group-major order and fc2 reads the same order, so the group-wise
-    mixing needs no copy of the activations (only the small weights are gathered). impl='reference'
-    runs the direct form; both compute the same function of the same parameters.
+    rows in the gate's group-major order and fc2 reads the same order, so the group-wise mixing needs
+    no copy of the activations (only the small weights are reordered). Where autograd is off, the
+    activations are overwritten in place and the residual add happens inside fc2's GEMM: on CPU,
+    allocating and filling fresh buffers costs as much as the elementwise work itself.
+    impl='reference' runs the direct form; both compute the same function of the same parameters.
     """
 
     def __init__(
@@ -313,19 +320,26 @@ class PosMLPBlock(nn.Module):
 
     def _forward_channel_major(self, x: torch.Tensor, invalid_tokens: Optional[torch.Tensor]) -> torch.Tensor:
         B, nW, N, C = x.shape
-        order, rows = self.gate.group_major_order, self.gate.group_major_rows
+        gamma = self.gate.gamma
+        inplace = not torch.is_grad_enabled()
         tokens = self.norm(x).view(-1, C)
-        h = self.act(torch.addmm(self.fc1.bias[rows, None], self.fc1.weight[rows], tokens.t()))
-        half = order.numel()
-        y = self.gate.forward_channel_major(h[:half], h[half:], nW, invalid_tokens)
-        y = torch.addmm(self.fc2.bias, y.t(), self.fc2.weight[:, order].t())
-        return y.view(B, nW, N, C)
+        fc1_bias = group_major(self.fc1.bias, gamma, halves=2)
+        h = torch.addmm(fc1_bias[:, None], group_major(self.fc1.weight, gamma, halves=2), tokens.t())
+        h = torch.ops.aten.gelu_(h) if inplace else self.act(h)
+        # chunk, not slicing: its backward concatenates the two gradients instead of zero-filling h twice.
+        u, v = h.chunk(2)
+        y = self.gate.forward_channel_major(u, v, nW, invalid_tokens, inplace).t()
+        fc2_weight = group_major(self.fc2.weight, gamma, dim=1).t()
+        # Dropout and drop path are identities in eval; in-place ops do not autocast, so the dtypes must agree.
+        if inplace and not self.training and x.dtype == y.dtype == fc2_weight.dtype:
+            return (x.view(-1, C) + self.fc2.bias).addmm_(y, fc2_weight).view(B, nW, N, C)
+        y = torch.addmm(self.fc2.bias, y, fc2_weight).view(B, nW, N, C)
+        return x + self.drop_path(self.drop(y))
 
     def forward(self, x: torch.Tensor, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.channel_major:
-            y = self._forward_channel_major(x, invalid_tokens)
-        else:
-            y = self.fc2(self.gate(self.act(self.fc1(self.norm(x))), invalid_tokens))
+            return self._forward_channel_major(x, invalid_tokens)
+        y = self.fc2(self.gate(self.act(self.fc1(self.norm(x))), invalid_tokens))
         return x + self.drop_path(self.drop(y))
 
 

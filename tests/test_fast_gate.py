@@ -48,6 +48,28 @@ def test_fast_and_reference_agree(variant, training, side):
         assert relative_error(p.grad, ref_grads[name], floor) < 1e-4, name
 
 
+@pytest.mark.parametrize('training', [False, True])
+@pytest.mark.parametrize('side', [64, 72])
+def test_inference_without_autograd_agrees_and_keeps_inputs(training, side):
+    """Without autograd the fast block works in place; it must not touch its input."""
+    fast, reference = perturbed_pair()
+    fast.train(training)
+    reference.train(training)
+    x = torch.randn(2, 3, side, side)
+    with torch.no_grad():
+        expected = reference(x)
+    for no_autograd in (torch.no_grad, torch.inference_mode):
+        with no_autograd():
+            assert (fast(x) - expected).abs().max().item() <= 1e-4
+    block = fast.stages[0].blocks[0]
+    tokens = torch.randn(2, 4, 16, block.norm.normalized_shape[0])
+    kept = tokens.clone()
+    with torch.no_grad():
+        out = block(tokens)
+    assert torch.equal(tokens, kept)
+    assert (out - block(tokens)).abs().max().item() <= 1e-5
+
+
 def gates(model):
     return [m for m in model.modules() if isinstance(m, PoSGU)]
 
