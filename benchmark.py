@@ -19,6 +19,7 @@ import csv
 import dataclasses
 import datetime
 import difflib
+import importlib
 import json
 import multiprocessing
 import os
@@ -111,6 +112,7 @@ class RunConfig:
     warmup: int
     steps: int
     threads: Optional[int]
+    imports: Tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +178,15 @@ def parse_model_spec(text: str) -> ModelSpec:
                 raise ValueError(f'{text!r}: {key!r} is given twice.')
             kwargs[key] = parse_value(value.strip())
     return ModelSpec(text, name, tuple(kwargs.items()), kwargs_text, dtype)
+
+
+def import_modules(names: Tuple[str, ...]):
+    """Imports the --import modules, whose models register with timm as they load."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ValueError(f'--import {name}: {error}; put the folder that holds it on PYTHONPATH') from None
 
 
 def check_model_name(name: str):
@@ -250,6 +261,7 @@ class ModelBench:
     """One entry in one mode: the model, its inputs and a step function, timed round by round."""
 
     def __init__(self, task: Task, config: RunConfig):
+        import_modules(config.imports)  # a spawned worker has not imported them yet
         self.config = config
         self.device = torch.device(config.device)
         self.steps = config.steps
@@ -616,6 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=SPEC_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', nargs='+', required=True, metavar='ENTRY',
                         help='models to benchmark, NAME[:KEY=VALUE,...][@DTYPE] each (see below)')
+    parser.add_argument('--import', dest='imports', nargs='+', default=[], metavar='MODULE',
+                        help='import these Python modules first, so that --model can name the models they '
+                             'register with timm (another implementation to compare against, say)')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                         help='keyword arguments for every model; an entry\'s own KEY=VALUE wins')
     parser.add_argument('--bench', choices=('infer', 'train', 'both'), default='both',
@@ -685,6 +700,10 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, Li
         parser.error(f'--results-file {args.results_file}: name it .csv or .json')
     if 'pretrained' in args.model_kwargs:
         parser.error('--model-kwargs pretrained: weights are never downloaded; benchmarking needs none')
+    try:
+        import_modules(tuple(args.imports))
+    except ValueError as error:
+        parser.error(str(error))
     specs = []
     for text in args.model:
         try:
@@ -705,7 +724,7 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, Li
         device=str(device), batch_size=args.batch_size, img_size=args.img_size,
         model_kwargs=tuple(args.model_kwargs.items()), amp_dtype=amp_dtype, channels_last=args.channels_last,
         torchcompile=args.torchcompile, opt=args.opt, lr=args.lr, warmup=args.warmup, steps=args.steps,
-        threads=args.threads,
+        threads=args.threads, imports=tuple(args.imports),
     )
     return args, specs, config
 

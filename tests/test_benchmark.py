@@ -2,6 +2,7 @@
 import csv
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 
@@ -81,6 +82,25 @@ def test_model_error_in_a_worker_names_the_entry():
     assert status == 'error' and 'no_such_arg' in message and 'keyword names' in message
 
 
+def test_import_adds_models_registered_elsewhere(tmp_path):
+    (tmp_path / 'other_models.py').write_text(
+        'import torch\n'
+        'from timm.models import register_model\n\n\n'
+        'class TinyMLP(torch.nn.Sequential):\n'
+        '    num_classes = 10\n\n\n'
+        '@register_model\n'
+        'def other_tiny_mlp(pretrained=False, **kwargs):\n'
+        '    return TinyMLP(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))\n'
+    )
+    done = subprocess.run(
+        [sys.executable, str(ROOT / 'benchmark.py'), '--import', 'other_models', '--model', 'other_tiny_mlp',
+         '--img-size', '32', '--bench', 'train', *QUICK_ARGS],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert done.returncode == 0, done.stderr
+    row = done.stdout.strip().splitlines()[-1].split()
+    assert row[:3] == ['other_tiny_mlp', 'default', 'train']
+
+
 def test_entry_syntax():
     spec = benchmark.parse_model_spec('posmlp_t:gate_impl=reference,embed_dims=(8, 16),drop_rate=0.1@bf16')
     assert spec.model == 'posmlp_t' and spec.dtype == 'bfloat16'
@@ -110,6 +130,7 @@ def test_bad_entries_name_the_problem(text, problem):
     (['--model', 'posmlp_t', 'posmlp_t'], 'listed twice'),
     (['--model', 'posmlp_t', '--baseline', 'gmlp_s16_224'], 'not one of the --model entries'),
     (['--model', 'posmlp_t', '--model-kwargs', 'pretrained=True'], 'never downloaded'),
+    (['--import', 'no_such_module', '--model', 'posmlp_t'], 'put the folder that holds it on PYTHONPATH'),
 ])
 def test_bad_arguments_name_the_problem(args, problem, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -4,7 +4,7 @@ import timm
 import torch
 
 import models  # noqa: F401  (registers the models)
-from models.posmlp import PoSGU
+from models.posmlp import GeluGateFn, PoSGU
 from conftest import TINY_KWARGS
 
 # 64 px, windows of 2x2 or more: every map has something to mix, so every parameter matters.
@@ -68,6 +68,30 @@ def test_inference_without_autograd_agrees_and_keeps_inputs(training, side):
         out = block(tokens)
     assert torch.equal(tokens, kept)
     assert (out - block(tokens)).abs().max().item() <= 1e-5
+
+
+def test_hand_written_gate_backward_passes_gradcheck():
+    torch.manual_seed(0)
+    gamma, N = 3, 5
+    h = torch.randn(2 * 2 * gamma, 2 * N, dtype=torch.float64)  # (2D, M): two channels per group, two windows
+    maps = torch.randn(gamma, N, N, dtype=torch.float64).softmax(-1)
+    bias = torch.randn(1, N, 1, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (h, maps, bias)]
+    assert torch.autograd.gradcheck(GeluGateFn.apply, inputs)
+
+
+def test_training_under_bfloat16_autocast_follows_float32():
+    fast, reference = perturbed_pair()
+    x = torch.randn(2, 3, 64, 64)
+    reference(x).square().sum().backward()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = fast(x)
+    out.float().square().sum().backward()
+    for (name, p), q in zip(fast.named_parameters(), reference.parameters()):
+        assert p.grad.dtype == p.dtype, name
+    grads = torch.cat([p.grad.flatten() for p in fast.parameters()])
+    expected = torch.cat([q.grad.flatten() for q in reference.parameters()])
+    assert torch.nn.functional.cosine_similarity(grads, expected, dim=0) > 0.99
 
 
 def gates(model):
