@@ -226,8 +226,11 @@ class GeluGateFn(torch.autograd.Function):
         grad_u, grad_v = grad_h.chunk(2)
         torch.mul(grad_out, mixed, out=grad_v)
         torch.bmm(grad_mixed, maps, out=grad_u.view(gamma, -1, N))
-        grad_maps = torch.bmm(grad_mixed.transpose(1, 2), u.view(gamma, -1, N))
-        grad_bias = grad_mixed.sum((0, 1)).view(ctx.bias_shape)
+        grad_maps = grad_bias = None  # not needed when the positional parameters are frozen
+        if ctx.needs_input_grad[1]:
+            grad_maps = torch.bmm(grad_mixed.transpose(1, 2), u.view(gamma, -1, N))
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_mixed.sum((0, 1)).view(ctx.bias_shape)
         torch.ops.aten.gelu_backward.grad_input(grad_h, h, grad_input=grad_h)
         return grad_h, grad_maps, grad_bias
 
@@ -373,7 +376,7 @@ class PosMLPBlock(nn.Module):
         fc2_weight = group_major(self.fc2.weight, gamma, dim=1).t()
         # Dropout and drop path are identities in eval; in-place ops do not autocast, so the dtypes must agree.
         if not torch.is_grad_enabled() and not self.training and x.dtype == y.dtype == fc2_weight.dtype:
-            return (x.view(-1, C) + self.fc2.bias).addmm_(y, fc2_weight).view(B, nW, N, C)
+            return (x.reshape(-1, C) + self.fc2.bias).addmm_(y, fc2_weight).view(B, nW, N, C)
         y = torch.addmm(self.fc2.bias, y, fc2_weight).view(B, nW, N, C)
         return x + self.drop_path(self.drop(y))
 

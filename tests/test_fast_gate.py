@@ -80,6 +80,20 @@ def test_hand_written_gate_backward_passes_gradcheck():
     assert torch.autograd.gradcheck(GeluGateFn.apply, inputs)
 
 
+def test_frozen_positional_parameters_get_no_gradient():
+    fast, reference = perturbed_pair()
+    for model in (fast, reference):
+        for name, p in model.named_parameters():
+            p.requires_grad_('.gate.' not in name)
+        model(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))).square().sum().backward()
+    floor = 1e-3 * torch.stack([q.grad.norm() for q in reference.parameters() if q.grad is not None]).norm()
+    for (name, p), q in zip(fast.named_parameters(), reference.parameters()):
+        if '.gate.' in name:
+            assert p.grad is None, name
+        else:
+            assert relative_error(p.grad, q.grad, floor) < 1e-4, name
+
+
 def test_training_under_bfloat16_autocast_follows_float32():
     fast, reference = perturbed_pair()
     x = torch.randn(2, 3, 64, 64)
