@@ -33,7 +33,7 @@ from utils.data import (
     resolve_input_config, resolve_num_classes, unreadable_count,
 )
 from utils.digits import prepare_digits
-from utils.distributed import barrier, init_runtime, shutdown
+from utils.distributed import barrier, init_runtime, run_script
 from utils.engine import NonFiniteLossError, TrainSettings, evaluate, train_one_epoch, updates_per_epoch
 from utils.outputs import (
     LOG_FILE, SUMMARY_FILE, WandbLogger, append_summary, format_metrics, run_folder, setup_logging, summary_row,
@@ -235,14 +235,7 @@ def train(args):
 
 def main(argv=None) -> int:
     args = parse_train_args(argv)
-    try:
-        train(args)
-    except (DataError, CheckpointError, NonFiniteLossError, OptionError) as e:
-        logging.getLogger('train').error(f'Stopped: {e}')
-        return 1
-    finally:
-        shutdown()
-    return 0
+    return run_script(train, args, (DataError, CheckpointError, NonFiniteLossError, OptionError), _logger)
 
 
 if __name__ == '__main__':

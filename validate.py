@@ -29,7 +29,7 @@ from utils.data import (
     DataError, build_loader, create_eval_transform, create_split_dataset, evaluation_folder, num_classes_of,
     resolve_input_config, unreadable_count,
 )
-from utils.distributed import init_runtime, shutdown
+from utils.distributed import init_runtime, run_script
 from utils.engine import evaluate
 from utils.outputs import setup_logging
 
@@ -160,14 +160,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.results_file and not args.results_file.endswith(RESULT_FORMATS):
         parser.error(f'--results-file {args.results_file}: name it .csv or .json to choose the format.')
-    try:
-        validate(args)
-    except (DataError, CheckpointError, OptionError) as e:
-        logging.getLogger('validate').error(f'Stopped: {e}')
-        return 1
-    finally:
-        shutdown()
-    return 0
+    return run_script(validate, args, (DataError, CheckpointError, OptionError), _logger)
 
 
 if __name__ == '__main__':

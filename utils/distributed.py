@@ -1,6 +1,7 @@
 """The device a process runs on and the process group torchrun sets up (NCCL on GPUs, gloo on CPU)."""
+import logging
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.distributed as dist
@@ -62,3 +63,16 @@ def barrier(runtime: Runtime):
 def shutdown():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_script(body: Callable, args, expected_errors: Tuple[Type[Exception], ...], logger: logging.Logger) -> int:
+    """Runs a script's body and returns its exit status: 0, or 1 after logging an expected error (bad
+    input, named in one line without a traceback). The process group is torn down either way."""
+    try:
+        body(args)
+    except expected_errors as e:
+        logger.error(f'Stopped: {e}')
+        return 1
+    finally:
+        shutdown()
+    return 0
