@@ -291,17 +291,33 @@ class PoSGU(nn.Module):
     ) -> torch.Tensor:
         """The block's GELU and this gate on fc1's channel-major output h: (2D, M), channels of each
         half in `group_major` order (see `mix_groups_channel_major`); returns (D, M).
-        Where autograd is off, h is overwritten: nothing else needs it, and working in place saves
-        allocating and filling fresh buffers, which on CPU costs as much as the elementwise work."""
+        Where autograd is off, h is overwritten and the result is h's first half: nothing else needs
+        h, and on CPU allocating and first touching fresh buffers costs as much as the elementwise work."""
         maps = self.maps(invalid_tokens).to(h.dtype)
         bias = self.token_bias.to(h.dtype)
+        compiling = torch.compiler.is_compiling()  # the compiler fuses the plain ops itself
+        if not torch.is_grad_enabled() and maps.dim() == 3 and not compiling:
+            return self._gate_in_place(torch.ops.aten.gelu_(h), maps, bias)
         if not torch.is_grad_enabled():
             u, v = torch.ops.aten.gelu_(h).chunk(2)
             return mix_groups_channel_major(u, maps, bias, num_windows).mul_(v)
-        if maps.dim() == 3 and not torch.compiler.is_compiling():  # the compiler fuses these ops itself
+        if maps.dim() == 3 and not compiling:
             return GeluGateFn.apply(h, maps, bias)
         u, v = F.gelu(h).chunk(2)
         return mix_groups_channel_major(u, maps, bias, num_windows) * v
+
+    @staticmethod
+    def _gate_in_place(h: torch.Tensor, maps: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """(mix(u) + bias) * v written over u, with u, v = h.chunk(2). The mixing cannot run in place,
+        so it goes group by group through a one-group buffer, instead of a fresh buffer as large as u."""
+        gamma, N = maps.shape[0], maps.shape[-1]
+        u, v = h.chunk(2)
+        u_groups, v_groups = u.view(gamma, -1, N), v.view(gamma, -1, N)
+        mixed = torch.empty_like(u_groups[0])
+        for u_g, v_g, map_g in zip(u_groups, v_groups, maps):
+            torch.addmm(bias.view(1, N), u_g, map_g.t(), out=mixed)
+            torch.mul(mixed, v_g, out=u_g)
+        return u
 
 
 class SGU(nn.Module):
@@ -328,13 +344,19 @@ class SGU(nn.Module):
         return u * v
 
 
+def _global_forward_hooks() -> bool:
+    """Whether forward hooks for every module are registered (`nn.modules.module.register_module_forward_hook`)."""
+    return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+
 class PosMLPBlock(nn.Module):
     """x + DropPath(Dropout(fc2(gate(GELU(fc1(LN(x))))))) on windowed tokens (B, nW, N, C).
 
     With a PoSGU gate and impl='fast' the block runs channel-major: fc1 writes (2D, tokens) with its
     rows in the gate's group-major order and fc2 reads the same order, so the group-wise mixing needs
     no copy of the activations (only the small weights are reordered); the gate applies the GELU.
-    Where autograd is off, the residual add happens inside fc2's GEMM.
+    Where autograd is off, the block allocates only LayerNorm's output and fc1's: the gate works inside
+    fc1's output, and the residual add happens inside fc2's GEMM, written over LayerNorm's output.
     impl='reference' runs the direct form; both compute the same function of the same parameters.
     """
 
@@ -374,14 +396,29 @@ class PosMLPBlock(nn.Module):
         h = torch.addmm(fc1_bias[:, None], group_major(self.fc1.weight, gamma, halves=2), tokens.t())
         y = self.gate.forward_channel_major(h, nW, invalid_tokens).t()
         fc2_weight = group_major(self.fc2.weight, gamma, dim=1).t()
-        # Dropout and drop path are identities in eval; in-place ops do not autocast, so the dtypes must agree.
-        if not torch.is_grad_enabled() and not self.training and x.dtype == y.dtype == fc2_weight.dtype:
-            return (x.reshape(-1, C) + self.fc2.bias).addmm_(y, fc2_weight).view(B, nW, N, C)
+        # Dropout and drop path are identities in eval; in-place ops do not autocast, so the dtypes must
+        # agree. The normalised tokens are dead after fc1: their buffer takes the output.
+        same_dtype = x.dtype == tokens.dtype == y.dtype == fc2_weight.dtype
+        if not torch.is_grad_enabled() and not self.training and same_dtype:
+            out = torch.add(x.reshape(-1, C), self.fc2.bias, out=tokens)
+            return out.addmm_(y, fc2_weight).view(B, nW, N, C)
         y = torch.addmm(self.fc2.bias, y, fc2_weight).view(B, nW, N, C)
         return x + self.drop_path(self.drop(y))
 
+    def _channel_major_applies(self) -> bool:
+        """The channel-major form reads fc1's and fc2's weights, applies its own exact GELU and reuses
+        LayerNorm's output buffer. A replaced fc1/fc2/act, or forward hooks on the block's modules,
+        would be bypassed or see overwritten tensors: such blocks run module by module instead."""
+        plain = (
+            type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear
+            and type(self.act) is nn.GELU and self.act.approximate == 'none'
+        )
+        hooked = _global_forward_hooks() or any(
+            m._forward_hooks or m._forward_pre_hooks for m in (self.norm, self.fc1, self.act, self.gate, self.fc2))
+        return self.channel_major and plain and not hooked
+
     def forward(self, x: torch.Tensor, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.channel_major:
+        if self._channel_major_applies():
             return self._forward_channel_major(x, invalid_tokens)
         y = self.fc2(self.gate(self.act(self.fc1(self.norm(x))), invalid_tokens))
         return x + self.drop_path(self.drop(y))
@@ -401,9 +438,25 @@ class ConvStem(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and not torch.is_grad_enabled() and self.norm1.running_var is not None:
+            return self._forward_folded(x)
         x = self.act(self.norm1(self.conv1(x)))
         x = self.act(self.norm2(self.conv2(x)))
         return self.norm3(self.conv3(x))
+
+    def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference with each BatchNorm folded into its conv and GELU in place: three full-size
+        activations instead of eight, the same function up to float rounding."""
+        x = torch.ops.aten.gelu_(_conv_bn(x, self.conv1, self.norm1))
+        x = torch.ops.aten.gelu_(_conv_bn(x, self.conv2, self.norm2))
+        return _conv_bn(x, self.conv3, self.norm3)
+
+
+def _conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """bn(conv(x)) for a BatchNorm in eval mode, as one conv with the normalisation folded into it."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    bias = (conv.bias - bn.running_mean) * scale + bn.bias
+    return conv._conv_forward(x, conv.weight * scale.view(-1, 1, 1, 1), bias)
 
 
 class ConvDownsample(nn.Module):

@@ -108,6 +108,46 @@ def test_training_under_bfloat16_autocast_follows_float32():
     assert torch.nn.functional.cosine_similarity(grads, expected, dim=0) > 0.99
 
 
+def test_hooks_and_replaced_modules_take_effect():
+    """The fast block reads fc1/fc2's weights and reuses LayerNorm's output: a block whose modules carry
+    hooks or were replaced must run them as modules, and a hook must never see its tensor overwritten."""
+    fast, _ = perturbed_pair()
+    fast.eval()
+    block = fast.stages[0].blocks[0]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = fast(x)
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            seen[name] = (out, out.clone())
+        return hook
+
+    handles = [block.fc1.register_forward_hook(keep('fc1')), block.norm.register_forward_hook(keep('norm'))]
+    with torch.no_grad():
+        out = fast(x)
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
+    assert 'fc1' in seen
+    for name, (out_now, out_when_made) in seen.items():
+        assert torch.equal(out_now, out_when_made), name
+
+    calls = []
+
+    def record(module, args, out):
+        calls.append(module)
+
+    with torch.nn.modules.module.register_module_forward_hook(record), torch.no_grad():
+        fast(x)
+    assert block.fc2 in calls
+
+    block.act = torch.nn.ReLU()
+    with torch.no_grad():
+        assert (fast(x) - expected).abs().max().item() > 1e-3
+
+
 def gates(model):
     return [m for m in model.modules() if isinstance(m, PoSGU)]
 

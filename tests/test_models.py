@@ -9,7 +9,7 @@ import torch
 
 import models
 from models import CheckpointError
-from models.posmlp import GQPE, LRPE, relative_offsets
+from models.posmlp import GQPE, LRPE, ConvStem, relative_offsets
 from conftest import TINY_KWARGS, reference_path
 
 FIXTURES = ('gqpe_tiny', 'lrpe_tiny')
@@ -159,6 +159,27 @@ def test_every_parameter_gets_a_gradient(gate, impl):
     model(torch.randn(2, 3, 64, 64)).logsumexp(-1).sum().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
+
+
+def test_inference_stem_folds_batchnorm_into_the_convs(monkeypatch):
+    torch.manual_seed(0)
+    stem = ConvStem(3, 16).eval()
+    with torch.no_grad():
+        for norm in (stem.norm1, stem.norm2, stem.norm3):
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2.0)
+            norm.weight.normal_()
+            norm.bias.normal_()
+    folded_calls = []
+    folded = ConvStem._forward_folded
+    monkeypatch.setattr(ConvStem, '_forward_folded', lambda self, x: folded_calls.append(1) or folded(self, x))
+    x = torch.randn(2, 3, 32, 32)
+    expected = stem(x)  # autograd on: the BatchNorms run as they are
+    assert not folded_calls
+    with torch.no_grad():
+        out = stem(x)
+    assert folded_calls
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_grad_checkpointing_gives_the_same_gradients():
