@@ -14,7 +14,7 @@ w x w windows, (B, nW, N, C) with N = w * w, and its blocks work there.
 """
 import math
 import re
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +86,17 @@ def valid_img_sizes(near: int, win_size: Sequence[int]) -> Tuple[Optional[int], 
     while above is not None and _side_fits(above + 1, win_size):
         above += 1
     return below, above
+
+
+def _observed(modules: Iterable[nn.Module]) -> bool:
+    """Whether forward hooks watch any of `modules`, directly or through hooks on every module. The
+    fused forms skip module calls and reuse buffers, which nobody watching may see."""
+    everywhere = nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+    return bool(everywhere) or any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _is_exact_gelu(module: nn.Module) -> bool:
+    return type(module) is nn.GELU and module.approximate == 'none'
 
 
 class GQPE(nn.Module):
@@ -344,11 +355,6 @@ class SGU(nn.Module):
         return u * v
 
 
-def _global_forward_hooks() -> bool:
-    """Whether forward hooks for every module are registered (`nn.modules.module.register_module_forward_hook`)."""
-    return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
-
-
 class PosMLPBlock(nn.Module):
     """x + DropPath(Dropout(fc2(gate(GELU(fc1(LN(x))))))) on windowed tokens (B, nW, N, C).
 
@@ -409,13 +415,8 @@ class PosMLPBlock(nn.Module):
         """The channel-major form reads fc1's and fc2's weights, applies its own exact GELU and reuses
         LayerNorm's output buffer. A replaced fc1/fc2/act, or forward hooks on the block's modules,
         would be bypassed or see overwritten tensors: such blocks run module by module instead."""
-        plain = (
-            type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear
-            and type(self.act) is nn.GELU and self.act.approximate == 'none'
-        )
-        hooked = _global_forward_hooks() or any(
-            m._forward_hooks or m._forward_pre_hooks for m in (self.norm, self.fc1, self.act, self.gate, self.fc2))
-        return self.channel_major and plain and not hooked
+        plain = type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear and _is_exact_gelu(self.act)
+        return self.channel_major and plain and not _observed(self.children())
 
     def forward(self, x: torch.Tensor, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self._channel_major_applies():
@@ -437,8 +438,16 @@ class ConvStem(nn.Module):
         self.norm3 = nn.BatchNorm2d(dim, eps=LN_EPS)
         self.act = nn.GELU()
 
+    def _folding_applies(self) -> bool:
+        """Folding needs no autograd and BatchNorms that normalise with running statistics (eval mode,
+        statistics tracked); like the fast block, it runs only for the stem's own, unobserved modules."""
+        convs, norms = (self.conv1, self.conv2, self.conv3), (self.norm1, self.norm2, self.norm3)
+        plain = all(type(conv) is nn.Conv2d for conv in convs) and _is_exact_gelu(self.act) and all(
+            type(norm) is nn.BatchNorm2d and not norm.training and norm.running_var is not None for norm in norms)
+        return not torch.is_grad_enabled() and plain and not _observed(self.children())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and not torch.is_grad_enabled() and self.norm1.running_var is not None:
+        if self._folding_applies():
             return self._forward_folded(x)
         x = self.act(self.norm1(self.conv1(x)))
         x = self.act(self.norm2(self.conv2(x)))

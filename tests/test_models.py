@@ -181,6 +181,15 @@ def test_inference_stem_folds_batchnorm_into_the_convs(monkeypatch):
     assert folded_calls
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
+    # A hook on a folded module, or a replaced activation, sends the stem through its modules.
+    seen = []
+    with stem.norm2.register_forward_hook(lambda module, args, y: seen.append(y.shape)), torch.no_grad():
+        torch.testing.assert_close(stem(x), expected, atol=1e-5, rtol=1e-5)
+    assert seen
+    stem.act = torch.nn.ReLU()
+    with torch.no_grad():
+        assert (stem(x) - expected).abs().max().item() > 1e-3
+
 
 def test_grad_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
