@@ -19,6 +19,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
@@ -88,11 +89,17 @@ def valid_img_sizes(near: int, win_size: Sequence[int]) -> Tuple[Optional[int], 
     return below, above
 
 
+_HOOK_DICTS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks')
+
+
 def _observed(modules: Iterable[nn.Module]) -> bool:
-    """Whether forward hooks watch any of `modules`, directly or through hooks on every module. The
-    fused forms skip module calls and reuse buffers, which nobody watching may see."""
-    everywhere = nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
-    return bool(everywhere) or any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    """Whether hooks watch any of `modules`, their own or hooks on every module (which profilers and
+    FLOP counters register). The fused forms skip module calls and reuse buffers, which nobody
+    watching may miss or see."""
+    everywhere = nn.modules.module
+    if any(getattr(everywhere, '_global' + name) for name in _HOOK_DICTS):
+        return True
+    return any(getattr(m, name) for m in modules for name in _HOOK_DICTS)
 
 
 def _is_exact_gelu(module: nn.Module) -> bool:
@@ -302,17 +309,20 @@ class PoSGU(nn.Module):
     ) -> torch.Tensor:
         """The block's GELU and this gate on fc1's channel-major output h: (2D, M), channels of each
         half in `group_major` order (see `mix_groups_channel_major`); returns (D, M).
-        Where autograd is off, h is overwritten and the result is h's first half: nothing else needs
-        h, and on CPU allocating and first touching fresh buffers costs as much as the elementwise work."""
+        Where autograd is off, h is overwritten: nothing else needs it, and fresh buffers cost time.
+        On CPU, with maps shared by all windows, the result is written over h's first half too."""
         maps = self.maps(invalid_tokens).to(h.dtype)
         bias = self.token_bias.to(h.dtype)
-        compiling = torch.compiler.is_compiling()  # the compiler fuses the plain ops itself
-        if not torch.is_grad_enabled() and maps.dim() == 3 and not compiling:
-            return self._gate_in_place(torch.ops.aten.gelu_(h), maps, bias)
+        # The hand-fused forms need maps shared by all windows. Under torch.compile the plain ops are
+        # left to the compiler to fuse (it would only unroll the per-group loop).
+        hand_fused = maps.dim() == 3 and not torch.compiler.is_compiling()
         if not torch.is_grad_enabled():
-            u, v = torch.ops.aten.gelu_(h).chunk(2)
+            torch.ops.aten.gelu_(h)
+            if hand_fused and h.device.type == 'cpu':
+                return self._gate_in_place(h, maps, bias)
+            u, v = h.chunk(2)
             return mix_groups_channel_major(u, maps, bias, num_windows).mul_(v)
-        if maps.dim() == 3 and not compiling:
+        if hand_fused:
             return GeluGateFn.apply(h, maps, bias)
         u, v = F.gelu(h).chunk(2)
         return mix_groups_channel_major(u, maps, bias, num_windows) * v
@@ -320,7 +330,9 @@ class PoSGU(nn.Module):
     @staticmethod
     def _gate_in_place(h: torch.Tensor, maps: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """(mix(u) + bias) * v written over u, with u, v = h.chunk(2). The mixing cannot run in place,
-        so it goes group by group through a one-group buffer, instead of a fresh buffer as large as u."""
+        so it goes group by group through a one-group buffer, instead of a fresh buffer as large as u:
+        on CPU, first touching fresh memory costs more than the 2 * gamma smaller calls. (Not used on
+        GPUs, whose caching allocator makes fresh buffers cheap and where each call is a launch.)"""
         gamma, N = maps.shape[0], maps.shape[-1]
         u, v = h.chunk(2)
         u_groups, v_groups = u.view(gamma, -1, N), v.view(gamma, -1, N)
@@ -361,8 +373,8 @@ class PosMLPBlock(nn.Module):
     With a PoSGU gate and impl='fast' the block runs channel-major: fc1 writes (2D, tokens) with its
     rows in the gate's group-major order and fc2 reads the same order, so the group-wise mixing needs
     no copy of the activations (only the small weights are reordered); the gate applies the GELU.
-    Where autograd is off, the block allocates only LayerNorm's output and fc1's: the gate works inside
-    fc1's output, and the residual add happens inside fc2's GEMM, written over LayerNorm's output.
+    Where autograd is off, the gate works inside fc1's output (see `PoSGU.forward_channel_major`) and
+    the residual add happens inside fc2's GEMM, written over LayerNorm's output when the dtypes agree.
     impl='reference' runs the direct form; both compute the same function of the same parameters.
     """
 
@@ -413,9 +425,12 @@ class PosMLPBlock(nn.Module):
 
     def _channel_major_applies(self) -> bool:
         """The channel-major form reads fc1's and fc2's weights, applies its own exact GELU and reuses
-        LayerNorm's output buffer. A replaced fc1/fc2/act, or forward hooks on the block's modules,
-        would be bypassed or see overwritten tensors: such blocks run module by module instead."""
-        plain = type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear and _is_exact_gelu(self.act)
+        LayerNorm's output buffer. A replaced norm/fc1/act/fc2, or hooks on the block's modules, would
+        be bypassed or see overwritten tensors: such blocks run module by module instead."""
+        plain = (
+            type(self.norm) is nn.LayerNorm and type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear
+            and _is_exact_gelu(self.act)
+        )
         return self.channel_major and plain and not _observed(self.children())
 
     def forward(self, x: torch.Tensor, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -423,6 +438,13 @@ class PosMLPBlock(nn.Module):
             return self._forward_channel_major(x, invalid_tokens)
         y = self.fc2(self.gate(self.act(self.fc1(self.norm(x))), invalid_tokens))
         return x + self.drop_path(self.drop(y))
+
+
+def _conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """bn(conv(x)) for a BatchNorm in eval mode, as one conv with the normalisation folded into it."""
+    weight, bias = fuse_conv_bn_weights(
+        conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+    return conv._conv_forward(x, weight, bias)
 
 
 class ConvStem(nn.Module):
@@ -441,10 +463,14 @@ class ConvStem(nn.Module):
     def _folding_applies(self) -> bool:
         """Folding needs no autograd and BatchNorms that normalise with running statistics (eval mode,
         statistics tracked); like the fast block, it runs only for the stem's own, unobserved modules."""
-        convs, norms = (self.conv1, self.conv2, self.conv3), (self.norm1, self.norm2, self.norm3)
-        plain = all(type(conv) is nn.Conv2d for conv in convs) and _is_exact_gelu(self.act) and all(
+        norms = (self.norm1, self.norm2, self.norm3)
+        plain_convs = all(type(conv) is nn.Conv2d for conv in (self.conv1, self.conv2, self.conv3))
+        frozen_norms = all(
             type(norm) is nn.BatchNorm2d and not norm.training and norm.running_var is not None for norm in norms)
-        return not torch.is_grad_enabled() and plain and not _observed(self.children())
+        plain = plain_convs and frozen_norms and _is_exact_gelu(self.act)
+        # torch.compile cannot trace fuse_conv_bn_weights, which returns nn.Parameters.
+        compiling = torch.compiler.is_compiling()
+        return not torch.is_grad_enabled() and not compiling and plain and not _observed(self.children())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._folding_applies():
@@ -459,13 +485,6 @@ class ConvStem(nn.Module):
         x = torch.ops.aten.gelu_(_conv_bn(x, self.conv1, self.norm1))
         x = torch.ops.aten.gelu_(_conv_bn(x, self.conv2, self.norm2))
         return _conv_bn(x, self.conv3, self.norm3)
-
-
-def _conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """bn(conv(x)) for a BatchNorm in eval mode, as one conv with the normalisation folded into it."""
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    bias = (conv.bias - bn.running_mean) * scale + bn.bias
-    return conv._conv_forward(x, conv.weight * scale.view(-1, 1, 1, 1), bias)
 
 
 class ConvDownsample(nn.Module):
@@ -544,7 +563,7 @@ class PosMLP(nn.Module):
         win_size, gamma, depths, embed_dims, mlp_ratio: per stage.
         gate: 'gqpe' (the paper's models), 'lrpe', or 'sgu' (gMLP's gate, the ablation baseline).
         generalized: full 2x2 covariance for GQPE (the paper's default) or one scalar spread per group.
-        gate_impl: 'fast' (channel-major blocks, batched GEMMs, maps cached for inference) or
+        gate_impl: 'fast' (channel-major blocks, one GEMM per group's mixing, maps cached for inference) or
             'reference' (the direct einsum form, maps rebuilt on every call).
         drop_rate: dropout after every block's output projection and before the head.
         dynamic_img_pad: pad maps that do not divide into windows and mask the padding out of the

@@ -143,6 +143,21 @@ def test_hooks_and_replaced_modules_take_effect():
         fast(x)
     assert block.fc2 in calls
 
+    fast.train()
+    grads_seen = []
+    with block.fc1.register_full_backward_hook(lambda module, grad_in, grad_out: grads_seen.append(1)):
+        fast(x).sum().backward()
+    assert grads_seen
+
+    # A norm that hands back its input must not let the block write into the caller's tensor.
+    fast.eval()
+    block.norm = torch.nn.Identity()
+    tokens = torch.randn(2, 16, 16, block.fc1.in_features)
+    kept = tokens.clone()
+    with torch.no_grad():
+        block(tokens)
+    assert torch.equal(tokens, kept)
+
     block.act = torch.nn.ReLU()
     with torch.no_grad():
         assert (fast(x) - expected).abs().max().item() > 1e-3

@@ -186,6 +186,13 @@ def test_inference_stem_folds_batchnorm_into_the_convs(monkeypatch):
     with stem.norm2.register_forward_hook(lambda module, args, y: seen.append(y.shape)), torch.no_grad():
         torch.testing.assert_close(stem(x), expected, atol=1e-5, rtol=1e-5)
     assert seen
+    # A BatchNorm left in training mode normalises with batch statistics: nothing to fold.
+    stem.norm2.train()
+    folded_calls.clear()
+    with torch.no_grad():
+        stem(x)
+    assert not folded_calls
+    stem.norm2.eval()
     stem.act = torch.nn.ReLU()
     with torch.no_grad():
         assert (stem(x) - expected).abs().max().item() > 1e-3
