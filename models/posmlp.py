@@ -94,8 +94,8 @@ _HOOK_DICTS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_back
 
 def _observed(modules: Iterable[nn.Module]) -> bool:
     """Whether hooks watch any of `modules`, their own or hooks on every module (which profilers and
-    FLOP counters register). The fused forms skip module calls and reuse buffers, which nobody
-    watching may miss or see."""
+    FLOP counters register). The fused forms skip module calls and reuse buffers: a hook would miss
+    the calls or see its tensors overwritten."""
     everywhere = nn.modules.module
     if any(getattr(everywhere, '_global' + name) for name in _HOOK_DICTS):
         return True
@@ -427,11 +427,13 @@ class PosMLPBlock(nn.Module):
         """The channel-major form reads fc1's and fc2's weights, applies its own exact GELU and reuses
         LayerNorm's output buffer. A replaced norm/fc1/act/fc2, or hooks on the block's modules, would
         be bypassed or see overwritten tensors: such blocks run module by module instead."""
+        if not self.channel_major:
+            return False
         plain = (
             type(self.norm) is nn.LayerNorm and type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear
             and _is_exact_gelu(self.act)
         )
-        return self.channel_major and plain and not _observed(self.children())
+        return plain and not _observed(self.children())
 
     def forward(self, x: torch.Tensor, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self._channel_major_applies():
