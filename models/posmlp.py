@@ -96,8 +96,8 @@ def _observed(modules: Iterable[nn.Module]) -> bool:
     """Whether hooks watch any of `modules`, their own or hooks on every module (which profilers and
     FLOP counters register). The fused forms skip module calls and reuse buffers: a hook would miss
     the calls or see its tensors overwritten."""
-    everywhere = nn.modules.module
-    if any(getattr(everywhere, '_global' + name) for name in _HOOK_DICTS):
+    hooks_for_every_module = nn.modules.module  # keeps them as _global_forward_hooks etc.
+    if any(getattr(hooks_for_every_module, '_global' + name) for name in _HOOK_DICTS):
         return True
     return any(getattr(m, name) for m in modules for name in _HOOK_DICTS)
 
@@ -465,14 +465,15 @@ class ConvStem(nn.Module):
     def _folding_applies(self) -> bool:
         """Folding needs no autograd and BatchNorms that normalise with running statistics (eval mode,
         statistics tracked); like the fast block, it runs only for the stem's own, unobserved modules."""
+        # torch.compile cannot trace fuse_conv_bn_weights, which returns nn.Parameters.
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return False
         norms = (self.norm1, self.norm2, self.norm3)
         plain_convs = all(type(conv) is nn.Conv2d for conv in (self.conv1, self.conv2, self.conv3))
         frozen_norms = all(
             type(norm) is nn.BatchNorm2d and not norm.training and norm.running_var is not None for norm in norms)
         plain = plain_convs and frozen_norms and _is_exact_gelu(self.act)
-        # torch.compile cannot trace fuse_conv_bn_weights, which returns nn.Parameters.
-        compiling = torch.compiler.is_compiling()
-        return not torch.is_grad_enabled() and not compiling and plain and not _observed(self.children())
+        return plain and not _observed(self.children())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._folding_applies():
