@@ -206,6 +206,9 @@ def train(args):
         eval_metrics = evaluate(eval_model, val_loader, runtime, precision.autocast, args.channels_last)
         ema_metrics = None
         if model_ema is not None:
+            # Each rank's EMA averages its own BatchNorm statistics; sync them so every rank scores one model.
+            if runtime.distributed and args.dist_bn:
+                distribute_bn(model_ema, runtime.world_size, args.dist_bn == 'reduce')
             ema_metrics = evaluate(model_ema.module, val_loader, runtime, precision.autocast, args.channels_last)
         metric = (ema_metrics if args.best_from_ema else eval_metrics)[args.eval_metric]
         if scheduler is not None:
