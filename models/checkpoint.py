@@ -38,14 +38,20 @@ def load_checkpoint_file(path: str) -> Any:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        # torch names the class or function a pickle would call; any other failure means a damaged file.
+        unsafe = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+        if unsafe:
+            raise CheckpointError(
+                f'refusing to load {path!r}: unpickling it would call {unsafe.group(1)}, i.e. run code from the '
+                f'file. Only weights-only checkpoints are loaded; if you trust the file, re-save its state_dict '
+                f'with plain types.') from None
+        with open(path, 'rb') as f:
+            start = f.read(16)
         raise CheckpointError(
-            f'refusing to load {path!r}: unpickling it would construct objects other than tensors and plain '
-            f'data, i.e. run code from the file. Only weights-only checkpoints are loaded; if you trust the '
-            f'file, re-save its state_dict with plain types. torch said: {str(e).splitlines()[0]}'
-        ) from None
-    except (RuntimeError, EOFError) as e:
-        raise CheckpointError(f'{path!r} is not a readable PyTorch checkpoint (truncated or another format): {e}') from None
+            f'{path!r} is not a PyTorch checkpoint ({os.path.getsize(path):,} bytes starting {start!r}): a truncated '
+            f'download, or an HTML page saved in its place? Look at it with `head -c 200 {path}` and compare its '
+            f'size with the original\'s, then download it again.') from None
 
 
 def save_checkpoint_file(obj: Any, path: str):

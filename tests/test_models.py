@@ -222,10 +222,14 @@ def test_drop_path_grows_linearly_over_all_blocks():
 
 def test_input_size_error_names_sizes_that_fit():
     model = timm.create_model('posmlp_t', dynamic_img_pad=False).eval()
-    with pytest.raises(ValueError, match=r'256x256.*224 and 448.*dynamic_img_pad=True'):
+    with pytest.raises(ValueError, match=r'256x256.*: 224 or 448 instead of 256; or .*dynamic_img_pad=True'):
         model(torch.randn(1, 3, 256, 256))
-    with pytest.raises(ValueError, match='224 and 448'):
+    with pytest.raises(ValueError, match='224 or 448 instead of 256'):
         timm.create_model('posmlp_t', img_size=256, dynamic_img_pad=False)
+    with pytest.raises(ValueError, match=r'nearby: 224 instead of 200; 224 or 448 instead of 300; or'):
+        model(torch.randn(1, 3, 200, 300))  # each side that does not fit gets its own suggestion
+    with pytest.raises(ValueError, match=r'nearby: 224 or 448 instead of 256; or'):
+        model(torch.randn(1, 3, 448, 256))  # 448 fits: no suggestion for it
     tiny = timm.create_model('posmlp_t', dynamic_img_pad=False, **TINY_KWARGS).eval()
     for side in (32, 64):  # every size whose level maps divide by the windows works
         assert tiny(torch.randn(1, 3, side, side)).shape == (1, 1000)
@@ -295,6 +299,18 @@ def test_pickle_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(Exception, match='(?i)weights.only'):
         timm.create_model('posmlp_t', pretrained=True, pretrained_cfg_overlay=overlay, num_classes=4, **TINY_KWARGS)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize('content', [
+    b'<!DOCTYPE html><html><body>Sign in to download</body></html>',  # a failed download saved as the file
+    b'',
+])
+def test_file_that_is_not_a_checkpoint_is_named_as_such(tmp_path, content):
+    path = tmp_path / 'posmlp_t.pth.tar'
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match='is not a PyTorch checkpoint') as error:
+        models.load_checkpoint_file(str(path))
+    assert 'refusing' not in str(error.value) and 'head -c' in str(error.value)
 
 
 def test_missing_checkpoint_is_named(tmp_path):
