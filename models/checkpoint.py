@@ -21,6 +21,10 @@ from .posmlp import checkpoint_filter_fn
 
 _logger = logging.getLogger(__name__)
 
+# The umask can only be read by setting it; done once at import, before any thread could create files meanwhile.
+PROCESS_UMASK = os.umask(0)
+os.umask(PROCESS_UMASK)
+
 __all__ = [
     'CheckpointError', 'LoadedCheckpoint', 'create_model_from_checkpoint', 'infer_model_kwargs',
     'load_checkpoint_file', 'load_weights', 'read_checkpoint', 'save_checkpoint_file', 'select_state_dict',
@@ -55,7 +59,10 @@ def load_checkpoint_file(path: str) -> Any:
 
 
 def save_checkpoint_file(obj: Any, path: str):
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a half file."""
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a half file.
+
+    The file gets the permissions the process's umask gives new files, as with torch.save(path).
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.pth.tar', dir=folder)
@@ -64,6 +71,8 @@ def save_checkpoint_file(obj: Any, path: str):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates the file private (0600); give it the mode a plain open() would, so others may read it.
+        os.chmod(tmp, 0o666 & ~PROCESS_UMASK)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

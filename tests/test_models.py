@@ -318,6 +318,14 @@ def test_missing_checkpoint_is_named(tmp_path):
         models.create_model_from_checkpoint(str(tmp_path / 'nope.pth.tar'))
 
 
+def test_saved_checkpoint_is_readable_by_others_as_the_umask_allows(tmp_path, monkeypatch):
+    # A fixed umask, so the test does not depend on the one it runs under.
+    monkeypatch.setattr(models.checkpoint, 'PROCESS_UMASK', 0o022)
+    path = tmp_path / 'last.pth.tar'
+    models.save_checkpoint_file({'epoch': 1}, str(path))
+    assert os.stat(path).st_mode & 0o777 == 0o644
+
+
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / 'last.pth.tar'
     models.save_checkpoint_file({'epoch': 1}, str(path))
