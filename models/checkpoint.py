@@ -35,13 +35,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unsafe, or does not fit the model."""
 
 
-def load_checkpoint_file(path: str) -> Any:
-    """torch.load with weights_only=True; the authors' argparse.Namespace `args` is allowed."""
+def load_checkpoint_file(path: str, mmap: bool = False) -> Any:
+    """torch.load with weights_only=True; the authors' argparse.Namespace `args` is allowed.
+
+    `mmap` maps the tensors instead of reading them (zip-format files only), for callers that only
+    look at a few small entries of a big checkpoint.
+    """
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint {path!r} does not exist (or is not a file); check the path.')
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         # torch names the class or function a pickle would call; any other failure means a damaged file.
         unsafe = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
