@@ -184,10 +184,16 @@ def _listing(keys, limit=6):
 
 def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str = 'checkpoint',
                  finetune: bool = False):
-    """Load weights strictly; a head of another class count is reset (with a warning) only if finetune."""
+    """Load weights strictly; a head of another class count is reset (with a warning) only if finetune.
+
+    A model without a head (num_classes=0, a backbone) takes all weights but the head's, as in timm.
+    """
     state_dict = checkpoint_filter_fn(state_dict, model)
     own = model.state_dict()
     head_keys = [k for k in ('head.weight', 'head.bias') if k in state_dict]
+    if not any(k.startswith('head.') for k in own):
+        state_dict = {k: v for k, v in state_dict.items() if k not in head_keys}
+        head_keys = []
     head_differs = any(k not in own or own[k].shape != state_dict[k].shape for k in head_keys)
     if head_differs:
         theirs = state_dict['head.weight'].shape[0] if 'head.weight' in state_dict else 0

@@ -235,6 +235,26 @@ def test_input_size_error_names_sizes_that_fit():
         assert tiny(torch.randn(1, 3, side, side)).shape == (1, 1000)
 
 
+def test_per_stage_arguments_take_one_number_for_all_stages():
+    kwargs = dict(TINY_KWARGS, mlp_ratio=3, gamma=2)
+    model = timm.create_model('posmlp_t', **kwargs)
+    assert [s.blocks[0].fc1.out_features for s in model.stages] == [3 * d for d in TINY_KWARGS['embed_dims']]
+    assert {s.blocks[0].gate.gamma for s in model.stages} == {2}
+    with pytest.raises(ValueError, match='gamma has 3 entries but depths has 4'):
+        timm.create_model('posmlp_t', **dict(TINY_KWARGS, gamma=(2, 2, 4)))
+
+
+def test_unpooled_output_cannot_feed_a_head():
+    with pytest.raises(ValueError, match=r"global_pool=''.*5-class head.*num_classes=0"):
+        timm.create_model('posmlp_t', global_pool='', num_classes=5, **TINY_KWARGS)
+    model = timm.create_model('posmlp_t', global_pool='', num_classes=0, **TINY_KWARGS)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 32, 1, 1)
+    with pytest.raises(ValueError, match='global_pool'):
+        model.reset_classifier(10)
+    model.reset_classifier(10, 'avg')
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
 def _save_project_checkpoint(model, path, model_name, model_kwargs, ema=None):
     models.save_checkpoint_file(dict(
         epoch=3, model_name=model_name, model_kwargs=model_kwargs, state_dict=model.state_dict(),
@@ -278,6 +298,18 @@ def test_head_of_another_class_count_needs_finetune(tmp_path, caplog):
     finetuned = models.create_model_from_checkpoint(str(path), num_classes=9, finetune=True)
     assert finetuned.head.out_features == 9 and 'head dropped' in caplog.text
     torch.testing.assert_close(finetuned.stem.conv1.weight, model.stem.conv1.weight)
+
+
+@pytest.mark.parametrize('finetune', [False, True])
+def test_headless_backbone_takes_all_weights_but_the_head(tmp_path, caplog, finetune):
+    model = timm.create_model('posmlp_t', num_classes=4, **TINY_KWARGS).eval()
+    path = tmp_path / 'tiny.pth.tar'
+    _save_project_checkpoint(model, path, 'posmlp_t', dict(TINY_KWARGS, num_classes=4))
+    backbone = models.create_model_from_checkpoint(str(path), use_ema=False, num_classes=0, finetune=finetune).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x), model.forward_head(model.forward_features(x), pre_logits=True))
+    assert 'head' not in caplog.text
 
 
 class _RunsCode:
