@@ -102,6 +102,12 @@ def _observed(modules: Iterable[nn.Module]) -> bool:
     return any(getattr(m, name) for m in modules for name in _HOOK_DICTS)
 
 
+def _graph_capture() -> bool:
+    """Under torch.compile/export or torch.jit.trace, a graph of the model is being recorded: the eager-only
+    shortcuts (cached maps, folded stem, the hand-written autograd Function) would be baked in or break it."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def _is_exact_gelu(module: nn.Module) -> bool:
     return type(module) is nn.GELU and module.approximate == 'none'
 
@@ -148,10 +154,12 @@ class GQPE(nn.Module):
         return torch.stack([s2 * d1, s2 * d2, torch.full_like(d1, -0.5)], -1)
 
     def forward(self, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Mixing maps, (gamma, N, N), float32; with an (nW, N) mask of padded tokens, (nW, gamma, N, N)."""
-        # The Gaussian scores and their softmax stay in float32 under autocast.
+        """Mixing maps, (gamma, N, N), in float32 or the parameters' dtype if wider (float64); with an
+        (nW, N) mask of padded tokens, (nW, gamma, N, N)."""
+        # The Gaussian scores and their softmax stay in float32 under autocast and in half-precision models.
+        dtype = torch.promote_types(self.centers.dtype, torch.float32)
         with torch.autocast(self.centers.device.type, enabled=False):
-            scores = self.feature_weights().float() @ self.rel_features.flatten(1)
+            scores = self.feature_weights().to(dtype) @ self.rel_features.flatten(1).to(dtype)
             scores = scores.unflatten(1, self.rel_features.shape[1:])
             if invalid_tokens is not None:
                 scores = scores.masked_fill(invalid_tokens[:, None, None, :], float('-inf'))
@@ -269,31 +277,34 @@ class PoSGU(nn.Module):
         self.pos = GQPE(win_size, gamma, generalized) if pos_enc == 'gqpe' else LRPE(win_size, gamma)
         self.token_bias = nn.Parameter(torch.zeros(1, win_size * win_size, 1))
         self._cached_maps: Optional[torch.Tensor] = None
-        self._cache_key: Optional[tuple] = None
+        self._cached_from: List[torch.Tensor] = []
 
-    def _maps_cache_key(self) -> tuple:
-        # In-place updates (optimizer steps, load_state_dict) bump a tensor's version counter;
-        # .to()/.half() give new storage. Either makes the cached maps stale.
-        return tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self.pos.parameters())
+    def _cache_is_current(self, params: List[torch.Tensor]) -> bool:
+        # Compared by value: version counters miss in-place edits through `.data` (hand-written EMA
+        # updates) and do not exist for tensors made under inference_mode. The parameters are tiny.
+        return len(self._cached_from) == len(params) and all(
+            c.dtype == p.dtype and c.device == p.device and torch.equal(c, p)
+            for c, p in zip(self._cached_from, params))
 
     def maps(self, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The token-mixing maps; reused across calls only when no gradient can flow to them."""
+        """The token-mixing maps; reused across calls only when no gradient can flow to them and the
+        positional parameters are unchanged."""
         cacheable = (
             invalid_tokens is None
             and not self.training
             and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
+            and not _graph_capture()
         )
         if not cacheable:
             return self.pos(invalid_tokens)
-        key = self._maps_cache_key()
-        if self._cache_key != key:
+        params = [p.detach() for p in self.pos.parameters()]
+        if self._cached_maps is None or not self._cache_is_current(params):
             self._cached_maps = self.pos()
-            self._cache_key = key
+            self._cached_from = [p.clone() for p in params]
         return self._cached_maps
 
     def train(self, mode: bool = True):
-        self._cached_maps, self._cache_key = None, None
+        self._cached_maps, self._cached_from = None, []
         return super().train(mode)
 
     def forward(self, x: torch.Tensor, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -310,12 +321,15 @@ class PoSGU(nn.Module):
         """The block's GELU and this gate on fc1's channel-major output h: (2D, M), channels of each
         half in `group_major` order (see `mix_groups_channel_major`); returns (D, M).
         Where autograd is off, h is overwritten: nothing else needs it, and fresh buffers cost time.
-        On CPU, with maps shared by all windows, the result is written over h's first half too."""
+        On CPU, with maps shared by all windows, the result is written over h's first half too.
+        Under graph capture the plain ops are recorded, whatever the grad mode (torch.compile fuses them
+        itself; a trace must be the same graph with and without autograd)."""
         maps = self.maps(invalid_tokens).to(h.dtype)
         bias = self.token_bias.to(h.dtype)
-        # The hand-fused forms need maps shared by all windows. Under torch.compile the plain ops are
-        # left to the compiler to fuse (it would only unroll the per-group loop).
-        hand_fused = maps.dim() == 3 and not torch.compiler.is_compiling()
+        if _graph_capture():
+            u, v = F.gelu(h).chunk(2)
+            return mix_groups_channel_major(u, maps, bias, num_windows) * v
+        hand_fused = maps.dim() == 3  # the hand-fused forms need maps shared by all windows
         if not torch.is_grad_enabled():
             torch.ops.aten.gelu_(h)
             if hand_fused and h.device.type == 'cpu':
@@ -417,7 +431,7 @@ class PosMLPBlock(nn.Module):
         # Dropout and drop path are identities in eval; in-place ops do not autocast, so the dtypes must
         # agree. The normalised tokens are dead after fc1: their buffer takes the output.
         same_dtype = x.dtype == tokens.dtype == y.dtype == fc2_weight.dtype
-        if not torch.is_grad_enabled() and not self.training and same_dtype:
+        if not torch.is_grad_enabled() and not self.training and same_dtype and not _graph_capture():
             out = torch.add(x.reshape(-1, C), self.fc2.bias, out=tokens)
             return out.addmm_(y, fc2_weight).view(B, nW, N, C)
         y = torch.addmm(self.fc2.bias, y, fc2_weight).view(B, nW, N, C)
@@ -466,7 +480,7 @@ class ConvStem(nn.Module):
         """Folding needs no autograd and BatchNorms that normalise with running statistics (eval mode,
         statistics tracked); like the fast block, it runs only for the stem's own, unobserved modules."""
         # torch.compile cannot trace fuse_conv_bn_weights, which returns nn.Parameters.
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if torch.is_grad_enabled() or _graph_capture():
             return False
         norms = (self.norm1, self.norm2, self.norm3)
         plain_convs = all(type(conv) is nn.Conv2d for conv in (self.conv1, self.conv2, self.conv3))
@@ -544,7 +558,7 @@ class PosMLPStage(nn.Module):
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
             invalid = self._invalid_tokens(H, W, H + pad_h, W + pad_w, x.device)
         x = window_partition(x, win)
-        if invalid is None and self.grad_checkpointing and not torch.jit.is_scripting():
+        if invalid is None and self.grad_checkpointing:
             x = checkpoint_seq(self.blocks, x)
         elif invalid is None:
             x = self.blocks(x)
@@ -558,12 +572,21 @@ class PosMLPStage(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
+def _check_pooling(global_pool: str, num_classes: int):
+    if global_pool not in ('avg', ''):
+        raise ValueError(f"PosMLP: global_pool={global_pool!r}; use 'avg' or '' (no pooling).")
+    if global_pool == '' and num_classes > 0:
+        raise ValueError(f"PosMLP: global_pool='' keeps the (B, C, H, W) map, which a {num_classes}-class head "
+                         f"cannot classify; use global_pool='avg', or num_classes=0 for features.")
+
+
 class PosMLP(nn.Module):
     """PosMLP: a conv stem, four stages of windowed PosMLP blocks, LayerNorm, average pool, linear head.
 
     Args:
         img_size: nominal input size; with `dynamic_img_pad=False` every input must fit the windows.
-        win_size, gamma, depths, embed_dims, mlp_ratio: per stage.
+        depths: blocks per stage; their number sets the number of stages.
+        win_size, gamma, embed_dims, mlp_ratio: per stage, or one number for every stage.
         gate: 'gqpe' (the paper's models), 'lrpe', or 'sgu' (gMLP's gate, the ablation baseline).
         generalized: full 2x2 covariance for GQPE (the paper's default) or one scalar spread per group.
         gate_impl: 'fast' (channel-major blocks, one GEMM per group's mixing, maps cached for inference) or
@@ -579,11 +602,11 @@ class PosMLP(nn.Module):
             in_chans: int = 3,
             num_classes: int = 1000,
             global_pool: str = 'avg',
-            embed_dims: Sequence[int] = (96, 192, 384, 768),
+            embed_dims: Union[int, Sequence[int]] = (96, 192, 384, 768),
             depths: Sequence[int] = (2, 2, 18, 2),
-            mlp_ratio: Sequence[float] = (4, 4, 4, 2),
-            gamma: Sequence[int] = (8, 16, 32, 64),
-            win_size: Sequence[int] = (14, 14, 14, 7),
+            mlp_ratio: Union[float, Sequence[float]] = (4, 4, 4, 2),
+            gamma: Union[int, Sequence[int]] = (8, 16, 32, 64),
+            win_size: Union[int, Sequence[int]] = (14, 14, 14, 7),
             gate: str = 'gqpe',
             generalized: bool = True,
             gate_impl: str = 'fast',
@@ -593,13 +616,16 @@ class PosMLP(nn.Module):
     ):
         super().__init__()
         num_stages = len(depths)
-        for name, value in dict(embed_dims=embed_dims, mlp_ratio=mlp_ratio, gamma=gamma, win_size=win_size).items():
+        per_stage = dict(embed_dims=embed_dims, mlp_ratio=mlp_ratio, gamma=gamma, win_size=win_size)
+        for name, value in per_stage.items():
+            if isinstance(value, (int, float)):
+                value = per_stage[name] = (value,) * num_stages  # one value for every stage
             if len(value) != num_stages:
                 raise ValueError(f'PosMLP: {name} has {len(value)} entries but depths has {num_stages}; give one per stage.')
+        embed_dims, mlp_ratio, gamma, win_size = per_stage.values()
         if gate not in GATES:
             raise ValueError(f'PosMLP: gate={gate!r} is not one of {GATES}.')
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"PosMLP: global_pool={global_pool!r}; use 'avg' or '' (no pooling).")
+        _check_pooling(global_pool, num_classes)
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.win_size = tuple(win_size)
         self.num_classes = num_classes
@@ -646,20 +672,22 @@ class PosMLP(nn.Module):
         sizes = level_sizes(img_size, len(self.win_size))
         for i, ((h, w), win) in enumerate(zip(sizes, self.win_size)):
             if h % win or w % win:
-                fits = [str(s) for s in dict.fromkeys(valid_img_sizes(max(img_size), self.win_size)) if s]
+                hints = [
+                    f'{" or ".join(str(s) for s in dict.fromkeys(valid_img_sizes(side, self.win_size)) if s)} '
+                    f'instead of {side}'
+                    for side in dict.fromkeys(img_size) if not _side_fits(side, self.win_size)
+                ]
                 raise ValueError(
                     f'PosMLP: input {img_size[0]}x{img_size[1]} gives a {h}x{w} map at stage {i}, which does not '
-                    f'divide into {win}x{win} windows (windows {self.win_size}). Image sides that fit nearby: '
-                    f'{" and ".join(fits)}; or build the model with dynamic_img_pad=True to pad every stage.'
+                    f'divide into {win}x{win} windows (windows {self.win_size}). Sides that fit nearby: '
+                    f'{"; ".join(hints)}; or build the model with dynamic_img_pad=True to pad every stage.'
                 )
 
-    @torch.jit.ignore
     def no_weight_decay(self):
         """Nothing beyond timm's default (1-D parameters and biases): the authors' recipe decays the
         positional parameters (GQPE centres/spreads, LRPE tables, token bias) like any weight."""
         return set()
 
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
         return dict(
             stem=r'^stem',
@@ -670,20 +698,17 @@ class PosMLP(nn.Module):
             ],
         )
 
-    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
         for stage in self.stages:
             stage.grad_checkpointing = enable
 
-    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        _check_pooling(self.global_pool if global_pool is None else global_pool, num_classes)
         self.num_classes = num_classes
         if global_pool is not None:
-            if global_pool not in ('avg', ''):
-                raise ValueError(f"PosMLP: global_pool={global_pool!r}; use 'avg' or ''.")
             self.global_pool = global_pool
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -707,7 +732,7 @@ class PosMLP(nn.Module):
         last = len(self.stages) - 1
         self._check_input(x)
         x = self.stem(x)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        stages = self.stages[:max_index + 1] if stop_early else self.stages
         intermediates = []
         for i, stage in enumerate(stages):
             x = stage(x)

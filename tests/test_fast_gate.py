@@ -201,6 +201,57 @@ def test_maps_are_cached_for_inference_and_invalidated():
     assert all(g._cached_maps is None for g in gates(fast))
 
 
+def test_cached_maps_follow_edits_through_data_and_inference_mode():
+    fast, reference = perturbed_pair()
+    fast.eval()
+    reference.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fast(x)
+        # `.data` edits (hand-written EMA updates) bypass the version counter.
+        for g in gates(fast):
+            g.pos.centers.data.add_(0.5)
+        reference.load_state_dict(fast.state_dict())
+        assert (fast(x) - reference(x)).abs().max() <= 1e-4
+    # A model built and run under inference_mode, whose tensors have no version counter at all.
+    with torch.inference_mode():
+        built, _ = perturbed_pair()
+        built.eval()
+        assert (built(x) - reference(x)).abs().max() > 1e-3
+        built.load_state_dict(fast.state_dict())
+        assert (built(x) - reference(x)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize('gate', ['gqpe', 'lrpe'])
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float64])
+def test_models_cast_to_another_dtype_run_in_it(gate, dtype):
+    fast, reference = perturbed_pair(gate=gate)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = reference.eval()(x)
+    for model in (fast, reference):
+        model.to(dtype)
+        with torch.no_grad():
+            out = model.eval()(x.to(dtype))
+        assert out.dtype == dtype
+        assert (out.double() - expected).abs().max() <= (1e-5 if dtype == torch.float64 else 0.05)
+        model.train()(x.to(dtype)).sum().backward()
+
+
+@pytest.mark.parametrize('impl', ['fast', 'reference'])
+@pytest.mark.parametrize('grad', [False, True])
+def test_traced_model_records_how_maps_are_made(impl, grad):
+    model = timm.create_model('posmlp_t', gate_impl=impl, **KWARGS).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.set_grad_enabled(grad):
+        traced = torch.jit.trace(model, x)  # checks the trace against a second, no-grad trace
+        other, _ = perturbed_pair()
+        # Traced modules keep the derived buffers that state dicts leave out.
+        traced.load_state_dict(other.state_dict(), strict=False)
+        expected = other.eval()(x)
+        assert (traced(x) - expected).abs().max() <= 1e-5
+
+
 def test_no_cache_when_gradients_can_flow():
     fast, _ = perturbed_pair()
     fast.eval()

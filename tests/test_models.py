@@ -102,6 +102,13 @@ def test_architecture_is_read_off_the_authors_weights(name):
     assert loaded.weights == 'state_dict_ema'
 
 
+@pytest.mark.parametrize('name', ['posmlp_s', 'posmlp_b_lrpe', 'posmlp_s_sgu'])
+def test_architecture_read_off_the_weights_is_named_by_its_widths_and_gate(name):
+    model = timm.create_model(name, depths=(1, 1, 1, 1), mlp_ratio=1, num_classes=5)
+    loaded = models.LoadedCheckpoint(path='weights', state_dict=model.state_dict(), weights='state_dict')
+    assert models.create_model_from_checkpoint(loaded).pretrained_cfg['architecture'] == name
+
+
 def test_rebuilt_position_buffers_equal_the_authors():
     raw = models.load_checkpoint_file(str(reference_path('gqpe_tiny_original_checkpoint.pth.tar')))['state_dict']
     gqpe = GQPE(14, 8)
