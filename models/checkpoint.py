@@ -17,7 +17,7 @@ import timm
 import torch
 from torch import nn
 
-from .posmlp import checkpoint_filter_fn
+from .posmlp import _SIZES, checkpoint_filter_fn
 
 _logger = logging.getLogger(__name__)
 
@@ -177,6 +177,14 @@ def infer_model_kwargs(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
     return kw
 
 
+def _registered_name(model_kwargs: Dict[str, Any]) -> str:
+    """The registered PosMLP name for an inferred architecture: the size (T, S, B) whose widths it has,
+    T's when none matches (the kwargs then set the widths), and the gate's suffix."""
+    size = next((s for s, cfg in _SIZES.items() if tuple(cfg['embed_dims']) == tuple(model_kwargs['embed_dims'])), 't')
+    gate = model_kwargs.get('gate', 'gqpe')
+    return f'posmlp_{size}' + ('' if gate == 'gqpe' else f'_{gate}')
+
+
 def _listing(keys, limit=6):
     keys = list(keys)
     return ', '.join(keys[:limit]) + (f' ... ({len(keys)} in all)' if len(keys) > limit else '')
@@ -231,8 +239,9 @@ def create_model_from_checkpoint(
 
     Args:
         checkpoint: a path, or a `LoadedCheckpoint` from `read_checkpoint`.
-        model_name: a timm model name; when None, the one the checkpoint names, with the architecture
-            read off its weights (so the authors' checkpoints need no name).
+        model_name: a timm model name; when None, the one the checkpoint names (else the PosMLP variant
+            its widths and gate match), with the architecture read off its weights (so the authors'
+            checkpoints need no name).
         use_ema: True for EMA weights, False for live ones, None for EMA when present.
         finetune: allow a different `num_classes` (in kwargs): the head is then re-initialised.
         kwargs: more model arguments (e.g. num_classes, drop_path_rate, gate_impl).
@@ -240,8 +249,9 @@ def create_model_from_checkpoint(
     if not isinstance(checkpoint, LoadedCheckpoint):
         checkpoint = read_checkpoint(checkpoint, use_ema)
     if model_name is None:
-        model_kwargs = dict(checkpoint.model_kwargs, **infer_model_kwargs(checkpoint.state_dict))
-        model_name = checkpoint.model_name if timm.is_model(checkpoint.model_name or '') else 'posmlp_t'
+        inferred = infer_model_kwargs(checkpoint.state_dict)
+        model_kwargs = dict(checkpoint.model_kwargs, **inferred)
+        model_name = checkpoint.model_name if timm.is_model(checkpoint.model_name or '') else _registered_name(inferred)
         model_kwargs.update(kwargs)
     else:
         model_kwargs = dict(kwargs)
