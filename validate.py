@@ -136,7 +136,7 @@ def validate(args) -> dict:
     metrics = evaluate(model, loader, runtime, precision.autocast, args.channels_last, args.log_interval, 'Test')
     elapsed = time.time() - start
     results = dict(
-        model=loaded.model_name or type(model).__name__.lower(), checkpoint=args.checkpoint, weights=loaded.weights,
+        model=model.pretrained_cfg['architecture'], checkpoint=args.checkpoint, weights=loaded.weights,
         top1=metrics['top1'], top5=metrics['top5'], loss=metrics['loss'], images=metrics['count'],
         params=sum(p.numel() for p in model.parameters()), img_per_sec=metrics['count'] / max(elapsed, 1e-9),
         input_size=list(data_config['input_size']), crop_pct=data_config['crop_pct'],

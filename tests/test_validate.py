@@ -114,6 +114,47 @@ def test_live_weights_on_request(tmp_path, capsys):
     assert 'live weights (state_dict)' in capsys.readouterr().out
 
 
+def printed_results(out: str) -> dict:
+    return json.loads(out[out.index('{'):])
+
+
+def save_tiny_checkpoint(path, model_name='posmlp_t', args=None, **model_kwargs):
+    """A project checkpoint of a 3-class TINY_KWARGS model whose training run recorded `args`."""
+    kwargs = dict(TINY_KWARGS, num_classes=3, **model_kwargs)
+    model = timm.create_model(model_name, **kwargs)
+    models.save_checkpoint_file({'state_dict': model.state_dict(), 'model_name': model_name, 'model_kwargs': kwargs,
+                                 'args': dict(args or {})}, str(path))
+    return path
+
+
+@pytest.mark.parametrize('source', ['authors', 'model_option'])
+def test_results_name_the_model_that_was_built(tmp_path, capsys, source):
+    if source == 'authors':  # architecture read off the weights: an LRPE gate
+        data = make_image_folder(tmp_path / 'data', classes=tuple('abcdefghij'), per_class=1, splits=('val',))
+        argv = ['--checkpoint', str(reference_path('lrpe_tiny_original_checkpoint.pth.tar'))]
+    else:  # the checkpoint names posmlp_t (with an LRPE gate); --model names the variant
+        data = make_image_folder(tmp_path / 'data', per_class=1, splits=('val',))
+        checkpoint = save_tiny_checkpoint(tmp_path / 'tiny.pth.tar', gate='lrpe')
+        argv = ['--checkpoint', str(checkpoint), '--model', 'posmlp_t_lrpe', *TINY_MODEL_ARGS, 'num_classes=3']
+    assert validate.main([str(data), *argv, '-j', '0']) == 0
+    assert printed_results(capsys.readouterr().out)['model'] == 'posmlp_t_lrpe'
+
+
+def test_img_size_option_overrides_the_trained_input_size(tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'data', per_class=1, splits=('val',))
+    checkpoint = save_tiny_checkpoint(tmp_path / 'tiny.pth.tar', args={'input_size': [3, 64, 64]})
+    assert validate.main([str(data), '--checkpoint', str(checkpoint), '--img-size', '32', '-j', '0']) == 0
+    assert printed_results(capsys.readouterr().out)['input_size'] == [3, 32, 32]
+
+
+def test_max_bad_images_with_a_timm_dataset_is_an_error(tmp_path, capsys):
+    checkpoint = save_tiny_checkpoint(tmp_path / 'tiny.pth.tar')
+    argv = [str(tmp_path), '--dataset', 'torch/cifar10', '--checkpoint', str(checkpoint), '--max-bad-images', '5']
+    assert validate.main([*argv, '-j', '0']) == 1
+    out = capsys.readouterr().out
+    assert '--max-bad-images applies to image folders only' in out and 'Traceback' not in out
+
+
 @pytest.mark.parametrize('case, message', [
     ('missing_data', 'does not exist'),
     ('train_only', 'is neither a validation split'),
