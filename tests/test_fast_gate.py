@@ -272,6 +272,9 @@ def test_whole_model_compiles_without_graph_breaks():
     # A padded input compiles too.
     with torch.no_grad():
         compiled(torch.randn(1, 3, 72, 72))
+    exported = torch.export.export(model, (x,)).module()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), model(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize('gate', ['gqpe', 'lrpe'])
