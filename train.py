@@ -33,10 +33,11 @@ from utils.data import (
     resolve_input_config, resolve_num_classes, unreadable_count,
 )
 from utils.digits import prepare_digits
-from utils.distributed import barrier, init_runtime, run_script
+from utils.distributed import barrier, from_primary, init_runtime, run_script
 from utils.engine import NonFiniteLossError, TrainSettings, evaluate, train_one_epoch, updates_per_epoch
 from utils.outputs import (
-    LOG_FILE, SUMMARY_FILE, WandbLogger, append_summary, format_metrics, run_folder, setup_logging, summary_row,
+    LOG_FILE, SUMMARY_FILE, WandbLogger, append_summary, format_metrics, run_folder, run_folder_conflict,
+    setup_logging, summary_row,
 )
 
 _logger = logging.getLogger('train')
@@ -69,7 +70,16 @@ def training_loss(args, mixup_active: bool) -> nn.Module:
 
 def train(args):
     runtime = init_runtime(args.device, args.dist_backend, args.threads)
-    output_dir = run_folder(args)
+    setup_logging(None, runtime.is_primary)
+    # Rank 0 names the folder and checks it before anything is written: the ranks' clocks may name a new
+    # folder differently, and a folder on rank 0's disk may not be visible to the others.
+    output_dir, conflict = None, None
+    if runtime.is_primary:
+        output_dir = run_folder(args)
+        conflict = run_folder_conflict(output_dir, args.resume)
+    output_dir, conflict = from_primary((output_dir, conflict), runtime)
+    if conflict:
+        raise OptionError(conflict)
     if runtime.is_primary:
         os.makedirs(output_dir, exist_ok=True)
     setup_logging(os.path.join(output_dir, LOG_FILE), runtime.is_primary)
@@ -185,7 +195,7 @@ def train(args):
         keeper = CheckpointKeeper(output_dir, args.checkpoint_hist, decreasing=args.eval_metric == 'loss')
         if start_epoch > 0:
             keeper.restore(start_epoch - 1)
-        trim_summary(summary_path, start_epoch)
+            trim_summary(summary_path, start_epoch)
         wandb_logger = WandbLogger(args.log_wandb, plain_args(args), output_dir)
     ranked_by = f'{"EMA" if args.best_from_ema else "eval"} {args.eval_metric}'
     _logger.info(f'Precision: {precision.description}. Epochs {start_epoch}..{num_epochs - 1}, {steps} steps '

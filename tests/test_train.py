@@ -190,6 +190,25 @@ def test_initial_checkpoint_fine_tunes_with_a_new_head(tmp_path, capsys):
     assert tuned['state_dict']['head.weight'].shape[0] == 2
 
 
+def test_a_run_refuses_a_folder_that_holds_another_run(tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'data', per_class=2)
+    out = tmp_path / 'out'
+    run = out / 'run'
+    assert train_in_process(data, out, 'run', '--epochs', '1') == 0
+    assert train_in_process(data, out, 'other', '--epochs', '1') == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    capsys.readouterr()
+
+    assert train_in_process(data, out, 'run', '--epochs', '1') == 1
+    message = capsys.readouterr().out
+    assert f'{run} already holds a run (checkpoint-0.pth.tar, last.pth.tar, summary.csv)' in message
+    assert f'pass --resume {run / "last.pth.tar"}' in message and 'pass another --experiment' in message
+    # Resuming another run's checkpoint into the folder would mix the two runs.
+    assert train_in_process(data, out, 'run', '--epochs', '2', '--resume', str(out / 'other' / 'last.pth.tar')) == 1
+    assert f'{run} holds another run' in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
 def _training_objects(seed):
     torch.manual_seed(seed)
     model = timm.create_model('posmlp_t', num_classes=3, **TINY_KWARGS)

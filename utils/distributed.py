@@ -55,6 +55,15 @@ def sum_over_processes(values: Sequence, runtime: Runtime) -> list:
     return total.tolist()
 
 
+def from_primary(value, runtime: Runtime):
+    """Rank 0's `value` on every process: a decision all processes must share, made once where the files are."""
+    if runtime.distributed:
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        value = holder[0]
+    return value
+
+
 def barrier(runtime: Runtime):
     if runtime.distributed:
         dist.barrier()

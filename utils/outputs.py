@@ -1,10 +1,11 @@
 """A training run's folder and what rank 0 writes into it besides checkpoints: the log and summary.csv."""
 import csv
 import datetime
+import fnmatch
 import logging
 import os
 import sys
-from typing import Optional
+from typing import List, Optional
 
 from timm.utils import FormatterNoInfo
 
@@ -13,6 +14,8 @@ _logger = logging.getLogger(__name__)
 LOG_FILE = 'train.log'
 SUMMARY_FILE = 'summary.csv'
 METRIC_NAMES = ('loss', 'top1', 'top5')
+# What a run leaves in its folder that another run would overwrite or mix with its own.
+RUN_FILE_PATTERNS = ('last.pth.tar', SUMMARY_FILE, 'checkpoint-*.pth.tar')
 
 
 def run_folder(args) -> str:
@@ -22,6 +25,32 @@ def run_folder(args) -> str:
     name = args.experiment or '-'.join([
         datetime.datetime.now().strftime('%Y%m%d-%H%M%S'), args.model, str(args.img_size or 'default')])
     return os.path.join(args.output or os.path.join('output', 'train'), name)
+
+
+def run_files(folder: str) -> List[str]:
+    """The names of the files in `folder` that a training run wrote; none for a new folder."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(name for name in os.listdir(folder)
+                  if any(fnmatch.fnmatchcase(name, pattern) for pattern in RUN_FILE_PATTERNS))
+
+
+def run_folder_conflict(folder: str, resume: str) -> Optional[str]:
+    """Why this run must not write into `folder`, or None: the folder holds another run's files, and only
+    a run resumed from a checkpoint in that same folder continues it."""
+    found = run_files(folder)
+    if not found:
+        return None
+    listing = ', '.join(found[:5]) + (f' and {len(found) - 5} more' if len(found) > 5 else '')
+    if not resume:
+        return (f'{folder} already holds a run ({listing}); a new run would overwrite it. To continue that run, '
+                f'pass --resume {os.path.join(folder, "last.pth.tar")}; to start a new one, pass another '
+                f'--experiment.')
+    if os.path.realpath(os.path.dirname(os.path.abspath(resume))) == os.path.realpath(folder):
+        return None
+    return (f'{folder} holds another run ({listing}) than the one --resume {resume} continues, and the two '
+            f'would be mixed. Leave out --experiment to continue in the checkpoint\'s own folder, or pass an '
+            f'--experiment whose folder is new.')
 
 
 def setup_logging(log_path: Optional[str], primary: bool):
