@@ -123,7 +123,12 @@ def validate(args) -> dict:
                         f'evaluate it on the validation split of the data it was trained on.')
 
     options = training_data_options(loaded)
-    options.update({k: getattr(args, k, None) for k in DATA_OPTIONS if getattr(args, k, None) is not None})
+    given = {k: getattr(args, k, None) for k in DATA_OPTIONS if getattr(args, k, None) is not None}
+    if 'img_size' in given or 'input_size' in given:
+        # timm prefers input_size to img_size, so a trained input_size would beat a given --img-size.
+        options.pop('img_size', None)
+        options.pop('input_size', None)
+    options.update(given)
     data_config = resolve_input_config(options, model)
     dataset.transform = create_eval_transform(data_config)
     loader = build_loader(dataset, args.batch_size, False, runtime, args.workers)
