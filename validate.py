@@ -73,7 +73,7 @@ def validate_parser() -> argparse.ArgumentParser:
     parser.add_argument('--std', type=float, nargs='+', default=None, help='normalisation std')
     parser.add_argument('--max-bad-images', type=int, default=None, metavar='N',
                         help='unreadable images skipped (each replaced by the next image) before stopping '
-                             '(default: 1%% of the split)')
+                             '(default: 1%% of the split); image folders only, not --dataset')
     parser.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda when available)')
     parser.add_argument('--threads', type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument('--log-interval', type=int, default=50, help='batches between progress lines')
@@ -104,7 +104,7 @@ def validate(args) -> dict:
 
     data_dir = args.data or args.data_dir
     if args.dataset:
-        dataset = create_split_dataset(args.dataset, data_dir, args.split)
+        dataset = create_split_dataset(args.dataset, data_dir, args.split, args.max_bad_images)
     else:
         data_dir = evaluation_folder(data_dir)
         dataset = create_split_dataset('', data_dir, 'validation', args.max_bad_images)

@@ -14,6 +14,7 @@ from PIL import Image
 from timm.data import ImageDataset, create_dataset, create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
+from .args import OptionError
 from .distributed import Runtime
 
 _logger = logging.getLogger(__name__)
@@ -137,9 +138,12 @@ def create_split_dataset(name: str, root: str, split: str, max_bad_images: Optio
     """A dataset whose `transform` attribute is applied to every image.
 
     `name` '' (an image folder, `root` being the split folder itself) or a timm dataset spec.
-    `max_bad_images` defaults to 1% of the split (at least one).
+    `max_bad_images` defaults to 1% of the split (at least one); it applies to image folders only.
     """
     if name:
+        if max_bad_images is not None:
+            raise OptionError(f'--max-bad-images applies to image folders only; the timm dataset {name!r} '
+                              f'reads its own files and does not skip unreadable ones. Leave out --max-bad-images.')
         try:
             return create_dataset(name, root=root, split=split, is_training=split == 'train')
         except (OSError, RuntimeError, AssertionError, ValueError) as e:
@@ -182,8 +186,8 @@ def create_training_datasets(name: str, root: str, train_split: str, val_split: 
     """Training and validation datasets; the validation classes are indexed as in training."""
     if name:
         require_dir(root)
-        return (create_split_dataset(name, root, train_split),
-                create_split_dataset(name, root, val_split))
+        return (create_split_dataset(name, root, train_split, max_bad_images),
+                create_split_dataset(name, root, val_split, max_bad_images))
     train_dir, val_dir = folder_splits(root, train_split)
     train_set = create_split_dataset('', train_dir, 'train', max_bad_images)
     val_set = create_split_dataset('', val_dir, 'validation', max_bad_images)
