@@ -263,6 +263,42 @@ def test_keeper_ranks_history_and_survives_a_failed_write(tmp_path, monkeypatch)
     assert restored.best == (30., 1) and restored.kept == [(30., 1), (20., 2)]
 
 
+def test_restore_moves_the_files_of_later_epochs_aside_and_remakes_model_best(tmp_path, monkeypatch, caplog):
+    model, optimizer, scheduler, _, _ = _training_objects(0)
+
+    def run_epochs(keeper, metrics, first=0):
+        for epoch, metric in enumerate(metrics, first):
+            keeper.save(training_state(epoch, 'posmlp_t', {}, model, optimizer, scheduler, None, None, {}, metric))
+
+    run_epochs(CheckpointKeeper(str(tmp_path), history=4), [10., 30., 20., 40., 5.])
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, 'load', lambda *a, **kw: loads.append(kw.get('mmap')) or real_load(*a, **kw))
+    keeper = CheckpointKeeper(str(tmp_path), history=4)
+    keeper.restore(1)  # --resume checkpoint-1.pth.tar: epochs 2 to 4 are redone
+    assert loads and all(loads)  # metrics and epochs are read from mapped files
+    monkeypatch.undo()
+
+    superseded = tmp_path / 'superseded'
+    assert sorted(p.name for p in tmp_path.glob('*.pth.tar')) == ['checkpoint-0.pth.tar', 'checkpoint-1.pth.tar',
+                                                                  'model_best.pth.tar']
+    assert sorted(p.name for p in superseded.iterdir()) == ['checkpoint-2.pth.tar', 'checkpoint-3.pth.tar',
+                                                            'last.pth.tar', 'model_best.pth.tar']
+    assert load_checkpoint(superseded / 'model_best.pth.tar')['epoch'] == 3
+    assert load_checkpoint(superseded / 'last.pth.tar')['epoch'] == 4
+    assert load_checkpoint(tmp_path / 'model_best.pth.tar')['epoch'] == 1
+    assert keeper.best == (30., 1) and keeper.kept == [(30., 1), (10., 0)]
+    assert f'moved to {superseded}/: checkpoint-2.pth.tar, checkpoint-3.pth.tar, model_best' in caplog.text
+    assert 're-created from' in caplog.text
+
+    # A second rewind over the same epochs keeps the first one's files too.
+    run_epochs(keeper, [50.], first=2)
+    CheckpointKeeper(str(tmp_path), history=4).restore(1)
+    assert 'checkpoint-2.pth.tar (as checkpoint-2-2.pth.tar)' in caplog.text
+    assert {'checkpoint-2-2.pth.tar', 'model_best-2.pth.tar', 'last-2.pth.tar'} <= {p.name for p in superseded.iterdir()}
+    assert load_checkpoint(superseded / 'model_best-2.pth.tar')['metric'] == 50.
+
+
 def test_killed_run_resumes_where_its_last_checkpoint_left_off(tmp_path):
     data = make_image_folder(tmp_path / 'data', per_class=12)
     command = [sys.executable, str(ROOT / 'train.py'), str(data), *TINY_MODEL_ARGS, *FAST, '--epochs', '4',

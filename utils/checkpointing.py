@@ -3,9 +3,9 @@
 Every epoch writes `checkpoint-<epoch>.pth.tar` while it ranks among the best `history` epochs,
 `model_best.pth.tar` when it is the best so far, and `last.pth.tar`, in that order and each through
 `models.save_checkpoint_file` (temporary file + rename): a crash at any point leaves every file
-whole, and `last.pth.tar` is never ahead of the others.
+whole, and `last.pth.tar` is never ahead of the others. A resumed run moves the files of epochs
+after the one it resumes from into `superseded/`, since it redoes those epochs.
 """
-import glob
 import logging
 import os
 import re
@@ -21,7 +21,8 @@ _logger = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 LAST = 'last.pth.tar'
 BEST = 'model_best.pth.tar'
-HISTORY_PATTERN = re.compile(r'checkpoint-(\d+)\.pth\.tar$')
+SUPERSEDED = 'superseded'
+HISTORY_PATTERN = re.compile(r'checkpoint-(\d+)\.pth\.tar')
 
 
 def training_state(epoch: int, model_name: str, model_kwargs: dict, model, optimizer, scheduler, loss_scaler,
@@ -64,21 +65,57 @@ class CheckpointKeeper:
         return sorted(entries, key=lambda e: e[0], reverse=not self.decreasing)
 
     def restore(self, resumed_epoch: int):
-        """Pick up the history and best of a resumed run from the files it left (epochs up to the resumed one)."""
-        entries = []
-        for path in glob.glob(self.path('checkpoint-*.pth.tar')):
-            match = HISTORY_PATTERN.search(os.path.basename(path))
-            if not match or int(match.group(1)) > resumed_epoch:
+        """Pick up the history and best of a run resumed after `resumed_epoch` from the files it left.
+
+        Files of later epochs (left by a resume from an earlier checkpoint, or by a crash between an
+        epoch's checkpoints and its last.pth.tar) belong to epochs this run redoes: they are moved to
+        `superseded/`, and a moved (or missing) model_best is re-created from the best checkpoint kept.
+        """
+        entries, later = [], []
+        for name in sorted(os.listdir(self.output_dir)):
+            match = HISTORY_PATTERN.fullmatch(name)
+            if not match:
                 continue
-            metric = models.load_checkpoint_file(path).get('metric')
+            epoch = int(match.group(1))
+            if epoch > resumed_epoch:
+                later.append(name)
+                continue
+            # Mapped, not read: only the metric is needed, and each file holds a whole training state.
+            metric = models.load_checkpoint_file(self.path(name), mmap=True).get('metric')
             if metric is not None:
-                entries.append((float(metric), int(match.group(1))))
+                entries.append((float(metric), epoch))
         self.kept = self._rank(entries)
-        best = models.load_checkpoint_file(self.path(BEST)) if os.path.isfile(self.path(BEST)) else {}
-        if best.get('metric') is not None and best.get('epoch', resumed_epoch + 1) <= resumed_epoch:
+        for name in (BEST, LAST):
+            if os.path.isfile(self.path(name)):
+                epoch = models.load_checkpoint_file(self.path(name), mmap=True).get('epoch')
+                if epoch is not None and epoch > resumed_epoch:
+                    later.append(name)
+        if later:
+            moved = [self._supersede(name) for name in later]
+            _logger.warning(f'Resuming after epoch {resumed_epoch}: files of the later epochs this run redoes were '
+                            f'moved to {self.path(SUPERSEDED)}/: ' + ', '.join(moved))
+
+        best = models.load_checkpoint_file(self.path(BEST), mmap=True) if os.path.isfile(self.path(BEST)) else {}
+        if best.get('metric') is not None and best.get('epoch') is not None:
             self.best = (float(best['metric']), int(best['epoch']))
         elif self.kept:
             self.best = self.kept[0]
+            if not os.path.exists(self.path(BEST)):
+                source = self.path(f'checkpoint-{self.best[1]}.pth.tar')
+                models.save_checkpoint_file(models.load_checkpoint_file(source, mmap=True), self.path(BEST))
+                _logger.warning(f'{self.path(BEST)} re-created from {source}, the best epoch kept.')
+
+    def _supersede(self, name: str) -> str:
+        """Move `name` into superseded/ (as NAME-2, NAME-3, ... when taken); returns what was moved where."""
+        folder = self.path(SUPERSEDED)
+        os.makedirs(folder, exist_ok=True)
+        stem = name[:-len('.pth.tar')]
+        target, copy = name, 1
+        while os.path.exists(os.path.join(folder, target)):
+            copy += 1
+            target = f'{stem}-{copy}.pth.tar'
+        os.rename(self.path(name), os.path.join(folder, target))
+        return name if target == name else f'{name} (as {target})'
 
     def save(self, state: Dict[str, Any]) -> bool:
         """Write the epoch's files; True when it is the new best."""
