@@ -17,7 +17,9 @@ from conftest import ROOT, TINY_KWARGS, TINY_MODEL_ARGS, make_image_folder, scri
 
 import train
 from utils.args import parse_train_args
+from models import CheckpointError
 from utils.checkpointing import CheckpointKeeper, resume_training, training_state
+from utils.outputs import append_summary
 
 FAST = ['-b', '4', '-j', '0', '--threads', '1', '--warmup-epochs', '0', '--cooldown-epochs', '0', '--log-interval', '1']
 SUMMARY_COLUMNS = ['epoch', 'lr', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5']
@@ -234,6 +236,27 @@ def test_resume_restores_optimizer_scheduler_scaler_and_ema(tmp_path):
     for saved, restored in zip((model, optimizer, scheduler, scaler, ema.module), fresh[:4] + (fresh[4].module,)):
         assert str(restored.state_dict()) == str(saved.state_dict())
     assert torch.equal(fresh[0].head.weight, model.head.weight)
+
+
+def test_resume_refuses_to_drop_ema_weights_and_warns_about_a_dropped_scaler(tmp_path, caplog):
+    model, optimizer, scheduler, scaler, ema = _training_objects(0)
+    CheckpointKeeper(str(tmp_path)).save(training_state(
+        0, 'posmlp_t', dict(TINY_KWARGS, num_classes=3), model, optimizer, scheduler, scaler, ema, {}, 50.))
+    model, optimizer, scheduler, _, ema = _training_objects(1)
+    with pytest.raises(CheckpointError, match='holds EMA weights, but this run has no --model-ema') as error:
+        resume_training(str(tmp_path / 'last.pth.tar'), model, optimizer, scheduler, None, None)
+    assert f'-c {tmp_path / "args.yaml"}' in str(error.value)
+    assert resume_training(str(tmp_path / 'last.pth.tar'), model, optimizer, scheduler, None, ema) == 1
+    assert 'holds loss-scaler state' in caplog.text and 'Add --amp' in caplog.text
+
+
+def test_summary_takes_new_columns_by_rewriting_the_file(tmp_path):
+    path = tmp_path / 'summary.csv'
+    append_summary(str(path), {'epoch': 0, 'eval_top1': 50.})
+    append_summary(str(path), {'epoch': 1, 'eval_top1': 60., 'ema_top1': 55.})  # EMA turned on at resume
+    append_summary(str(path), {'epoch': 2, 'eval_top1': 70.})
+    assert path.read_text().splitlines() == ['epoch,eval_top1,ema_top1', '0,50.0,', '1,60.0,55.0', '2,70.0,']
+    assert [p.name for p in tmp_path.iterdir()] == ['summary.csv']
 
 
 def test_keeper_ranks_history_and_survives_a_failed_write(tmp_path, monkeypatch):

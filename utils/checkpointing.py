@@ -148,6 +148,16 @@ def resume_training(path: str, model, optimizer, scheduler=None, loss_scaler=Non
             f'{path} is not a training checkpoint written by this project\'s train.py (it needs epoch, optimizer '
             f'and version {FORMAT_VERSION}), so training cannot resume from it. To start a new run from its '
             f'weights, pass it as --initial-checkpoint instead.')
+    if model_ema is None and isinstance(checkpoint.get('state_dict_ema'), dict):
+        raise CheckpointError(
+            f'{path} holds EMA weights, but this run has no --model-ema: resuming would drop the EMA history, and '
+            f'the next last.pth.tar would be written without it. Add --model-ema (with the run\'s '
+            f'--model-ema-decay), or resume with the run\'s own options: '
+            f'-c {os.path.join(os.path.dirname(path), "args.yaml")}.')
+    if loss_scaler is None and checkpoint.get('scaler') is not None:
+        _logger.warning(f'{path} holds loss-scaler state (the run used float16 AMP), but this run has no loss scaler '
+                        f'(no --amp, or bfloat16): its state is dropped and the next checkpoints are written without '
+                        f'it. Add --amp (--amp-dtype float16) to continue the run as it was.')
     models.load_weights(unwrap_model(model), checkpoint['state_dict'], f'{path} (state_dict)')
     optimizer.load_state_dict(checkpoint['optimizer'])
     if scheduler is not None and checkpoint.get('scheduler') is not None:

@@ -76,12 +76,26 @@ def summary_row(epoch: int, lr: float, train: dict, evaluation: dict, ema: Optio
 
 
 def append_summary(path: str, row: dict):
-    new_file = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, 'a', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new_file:
-            writer.writeheader()
-        writer.writerow(row)
+    """Append an epoch's row. A row with columns the file lacks (EMA turned on at resume) rewrites the file,
+    atomically, with the union of the columns; the cells a row has no value for stay empty."""
+    columns, rows = [], []
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, newline='') as f:
+            reader = csv.DictReader(f)
+            columns, rows = list(reader.fieldnames or []), list(reader)
+    if columns and set(row) <= set(columns):
+        with open(path, 'a', newline='') as f:
+            csv.DictWriter(f, fieldnames=columns, restval='').writerow(row)
+        return
+    columns += [name for name in row if name not in columns]
+    partial = path + '.tmp'
+    with open(partial, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval='')
+        writer.writeheader()
+        writer.writerows(rows + [row])
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
 
 
 def format_metrics(metrics: dict) -> str:
