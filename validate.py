@@ -72,8 +72,8 @@ def validate_parser() -> argparse.ArgumentParser:
     parser.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean')
     parser.add_argument('--std', type=float, nargs='+', default=None, help='normalisation std')
     parser.add_argument('--max-bad-images', type=int, default=None, metavar='N',
-                        help='unreadable images skipped (each replaced by the next image) before stopping '
-                             '(default: 1%% of the split); image folders only, not --dataset')
+                        help='unreadable images left out of the results (all processes together) before '
+                             'stopping (default: 1%% of the split); image folders only, not --dataset')
     parser.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda when available)')
     parser.add_argument('--threads', type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument('--log-interval', type=int, default=50, help='batches between progress lines')
@@ -149,9 +149,11 @@ def validate(args) -> dict:
         unreadable_images=unreadable_count(dataset),
     )
     if runtime.is_primary:
+        left_out = results['unreadable_images']
         _logger.info(
             f'Validated on {data_dir}: top1 {results["top1"]:.3f}  top5 {results["top5"]:.3f}  '
-            f'loss {results["loss"]:.4f} | {results["images"]} images, {results["params"]:,} params, '
+            f'loss {results["loss"]:.4f} | {results["images"]} images'
+            f'{f" ({left_out} unreadable ones left out)" if left_out else ""}, {results["params"]:,} params, '
             f'{results["img_per_sec"]:.1f} img/s, {precision.description}, {runtime.world_size} process(es), '
             f'input {data_config["input_size"]} crop {data_config["crop_pct"]} {data_config["interpolation"]}')
         print(json.dumps(results, indent=2))

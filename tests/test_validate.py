@@ -155,6 +155,39 @@ def test_max_bad_images_with_a_timm_dataset_is_an_error(tmp_path, capsys):
     assert '--max-bad-images applies to image folders only' in out and 'Traceback' not in out
 
 
+@pytest.mark.parametrize('batch_size', [4, 1])  # a batch with the image left out; a batch with no image
+def test_unreadable_image_is_left_out_of_the_results(tmp_path, capsys, batch_size):
+    data = make_image_folder(tmp_path / 'data', per_class=2, splits=('val',))
+    checkpoint = save_tiny_checkpoint(tmp_path / 'tiny.pth.tar')
+    argv = [str(data), '--checkpoint', str(checkpoint), '--max-bad-images', '1', '-j', '0', '-b', str(batch_size)]
+    bad = data / 'val' / 'b' / 'b_0.png'
+    bad.rename(tmp_path / 'b_0.png')
+    assert validate.main(argv) == 0
+    without = printed_results(capsys.readouterr().out)
+    bad.write_bytes(b'not a png')
+    assert validate.main(argv) == 0
+    out = capsys.readouterr().out
+    assert 'Skipped unreadable image' in out and 'b_0.png' in out
+    results = printed_results(out)
+    assert results['images'] == without['images'] == 5 and results['unreadable_images'] == 1
+    assert (results['top1'], results['top5']) == (without['top1'], without['top5'])
+    assert results['loss'] == pytest.approx(without['loss'], rel=1e-6)  # other batches, other float rounding
+
+
+def test_unreadable_images_are_counted_over_all_processes(tmp_path):
+    data = make_image_folder(tmp_path / 'data', per_class=2, splits=('val',))
+    checkpoint = save_tiny_checkpoint(tmp_path / 'tiny.pth.tar')
+    # Images 0 and 3: one in each process's shard, so each process alone is within the allowance of 1.
+    for path in (data / 'val' / 'a' / 'a_0.png', data / 'val' / 'b' / 'b_1.png'):
+        path.write_bytes(b'')
+    result = subprocess.run(
+        ['bash', str(ROOT / 'eval.sh'), str(data), str(checkpoint), '-j', '0', '--threads', '1', '-b', '2',
+         '--max-bad-images', '1'], env=script_env(NUM_PROC='2'), capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    # Both processes stop with the error (neither waits for the other).
+    assert result.stdout.count('2 images could not be read, more than the 1 allowed') == 2, result.stdout[-3000:]
+
+
 @pytest.mark.parametrize('case, message', [
     ('missing_data', 'does not exist'),
     ('train_only', 'is neither a validation split'),

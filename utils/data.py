@@ -2,7 +2,8 @@
 
 Image folders follow the ImageNet layout (`train/` and `val/` or `validation/`, one folder of images
 per class); any other timm dataset spec (`--dataset torch/cifar10`, `hfds/...`) goes to timm as is.
-Images that cannot be decoded are skipped with a warning and counted; too many stop the run.
+Images that cannot be decoded are skipped with a warning and counted (training reads the next image
+instead, evaluation leaves them out); too many, over all processes, stop the run.
 """
 import logging
 import multiprocessing
@@ -10,9 +11,10 @@ import os
 from typing import Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from PIL import Image
 from timm.data import ImageDataset, create_dataset, create_transform, resolve_data_config
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, default_collate
 
 from .args import OptionError
 from .distributed import Runtime
@@ -72,19 +74,22 @@ def evaluation_folder(path: str) -> str:
 
 
 class UnreadableImageSkipper(Dataset):
-    """A timm ImageDataset whose undecodable images are replaced by the next readable one.
+    """A timm ImageDataset that skips the images it cannot decode, warning about each once and counting them.
 
-    Each bad file is warned about once and counted; the count is shared by the DataLoader workers so
-    `check()` in the main process sees all of them. More than `max_bad` bad files is an error.
+    For training (`substitute`) an unreadable image is replaced by the next readable one, so batches
+    stay full; for evaluation it is left out (its sample is None, dropped by `collate_readable`), so
+    no image counts twice. The flags are shared with the DataLoader workers; `check_unreadable`
+    merges them over processes and raises when more than `max_bad` images are unreadable.
     """
 
-    def __init__(self, dataset: ImageDataset, max_bad: int):
+    def __init__(self, dataset: ImageDataset, max_bad: int, substitute: bool):
         self.reader = dataset.reader
         self.img_mode = dataset.input_img_mode
         self.transform = None
         self.max_bad = max_bad
+        self.substitute = substitute
         self._is_bad = multiprocessing.RawArray('b', len(self.reader))
-        self._num_bad = multiprocessing.Value('i', 0)
+        self._num_bad = multiprocessing.Value('i', 0)  # its lock also guards _is_bad
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -96,10 +101,24 @@ class UnreadableImageSkipper(Dataset):
     def filename(self, index: int) -> str:
         return self.reader.filename(index, absolute=True)
 
-    def check(self):
-        if self.num_bad > self.max_bad:
+    def merge_over_processes(self, runtime: Runtime) -> int:
+        """Flag here the images any process found unreadable; returns their number, the same in every process."""
+        flags = torch.frombuffer(self._is_bad, dtype=torch.int8)
+        merged = flags.to(runtime.device, copy=True)
+        if runtime.distributed:
+            dist.all_reduce(merged, op=dist.ReduceOp.MAX)
+        merged = merged.cpu()
+        with self._num_bad.get_lock():
+            torch.maximum(flags, merged, out=flags)
+            self._num_bad.value = int(flags.sum())
+        # Not num_bad: workers may flag more images meanwhile, in one process and not the others.
+        return int(merged.sum())
+
+    def check(self, runtime: Runtime):
+        num_bad = self.merge_over_processes(runtime)
+        if num_bad > self.max_bad:
             raise DataError(
-                f'{self.num_bad} images could not be read, more than the {self.max_bad} allowed '
+                f'{num_bad} images could not be read, more than the {self.max_bad} allowed '
                 f'(--max-bad-images); the warnings above name them. Fix or remove those files, '
                 f'or raise --max-bad-images.')
 
@@ -122,7 +141,8 @@ class UnreadableImageSkipper(Dataset):
         return image, target
 
     def __getitem__(self, index: int):
-        for attempt in range(len(self)):
+        tries = len(self) if self.substitute else 1  # training goes on to the next images in turn
+        for attempt in range(tries):
             i = (index + attempt) % len(self)
             try:
                 image, target = self._load(i)
@@ -130,7 +150,15 @@ class UnreadableImageSkipper(Dataset):
                 self._mark_bad(i, error)
                 continue
             return (self.transform(image) if self.transform is not None else image), target
-        raise DataError(f'none of the {len(self)} images in {self.reader.root} can be read.')
+        if self.substitute:
+            raise DataError(f'none of the {len(self)} images in {self.reader.root} can be read.')
+        return None  # evaluation leaves it out
+
+
+def collate_readable(samples: list):
+    """default_collate over the samples that could be read (the others are None); None when none could."""
+    readable = [s for s in samples if s is not None]
+    return default_collate(readable) if readable else None
 
 
 def create_split_dataset(name: str, root: str, split: str, max_bad_images: Optional[int] = None,
@@ -154,7 +182,7 @@ def create_split_dataset(name: str, root: str, split: str, max_bad_images: Optio
         raise DataError(f'{e} Expected layout: {LAYOUT.format(root=os.path.dirname(root) or root)}.') from None
     if max_bad_images is None:
         max_bad_images = max(1, len(dataset) // 100)
-    return UnreadableImageSkipper(dataset, max_bad_images)
+    return UnreadableImageSkipper(dataset, max_bad_images, substitute=split == 'train')
 
 
 def class_to_idx(dataset: Dataset) -> Optional[dict]:
@@ -201,10 +229,14 @@ def create_training_datasets(name: str, root: str, train_split: str, val_split: 
     return train_set, val_set
 
 
-def check_unreadable(dataset: Dataset):
-    """Raise if the dataset has met more unreadable images than it allows."""
+def check_unreadable(dataset: Dataset, runtime: Runtime):
+    """Raise if all processes together met more unreadable images than the dataset allows.
+
+    Under torchrun every process must call it at the same point: it exchanges the flags, so all
+    processes reach the same count and stop together (none is left waiting for the others).
+    """
     if isinstance(dataset, UnreadableImageSkipper):
-        dataset.check()
+        dataset.check(runtime)
 
 
 def unreadable_count(dataset: Dataset) -> int:
@@ -257,7 +289,8 @@ class UnpaddedDistributedSampler(Sampler):
 
 def build_loader(dataset: Dataset, batch_size: int, is_training: bool, runtime: Runtime,
                   workers: int, pin_memory: bool = False, seed: int = 0) -> DataLoader:
-    """Shuffled, drop-last batches for training (sharded per process); all samples in order for eval."""
+    """Shuffled, drop-last batches for training (sharded per process); all samples in order for eval,
+    without the unreadable ones (a batch of only unreadable images is None)."""
     if is_training and runtime.distributed:
         sampler = DistributedSampler(dataset, runtime.world_size, runtime.rank, shuffle=True, seed=seed)
     elif is_training:
@@ -269,5 +302,5 @@ def build_loader(dataset: Dataset, batch_size: int, is_training: bool, runtime: 
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=is_training and sampler is None,
         drop_last=is_training, num_workers=workers, pin_memory=pin_memory and runtime.device.type == 'cuda',
-        persistent_workers=workers > 0)
+        persistent_workers=workers > 0, collate_fn=None if is_training else collate_readable)
 

@@ -74,7 +74,8 @@ def train_one_epoch(epoch: int, model, loader, optimizer, loss_fn, runtime: Runt
     for step, (images, targets) in enumerate(loader):
         if step >= steps:
             break
-        check_unreadable(loader.dataset)
+        if step % settings.log_interval == 0:  # every process is at this step: the check is collective
+            check_unreadable(loader.dataset, runtime)
         images, targets = _to_device(images, targets, runtime, settings.channels_last)
         if settings.mixup is not None:
             images, targets = settings.mixup(images, targets)
@@ -115,7 +116,7 @@ def train_one_epoch(epoch: int, model, loader, optimizer, loss_fn, runtime: Runt
                 f'{rate:7.1f} img/s  data {data_time.avg:.3f}s  '
                 f'eta {_format_eta(batch_time.avg * (steps - step - 1))}')
         end = time.time()
-    check_unreadable(loader.dataset)
+    check_unreadable(loader.dataset, runtime)
     total_loss, total_samples = sum_over_processes([loss_sum, samples], runtime)
     return {'loss': total_loss / max(total_samples, 1), 'lr': _mean_lr(optimizer)}, num_updates
 
@@ -138,14 +139,16 @@ def evaluate(model, loader, runtime: Runtime, autocast: Callable[[], ContextMana
     """Loss, top-1 and top-5 (top-k is capped at the class count) over the whole loader.
 
     Correct predictions are counted, not averaged per batch, and summed over processes with the
-    sample count, so any number of processes and any batch size give the same numbers.
+    sample count, so any number of processes and any batch size give the same numbers. Unreadable
+    images are left out (the loader drops them); too many stop evaluation in every process.
     """
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # loss sum, top-1, top-5, samples
     steps = len(loader)
-    for step, (images, targets) in enumerate(loader):
-        check_unreadable(loader.dataset)
-        images, targets = _to_device(images, targets, runtime, channels_last)
+    for step, batch in enumerate(loader):
+        if batch is None:  # every image of the batch was unreadable
+            continue
+        images, targets = _to_device(*batch, runtime, channels_last)
         with autocast():
             logits = model(images)
         logits = logits.float()
@@ -159,7 +162,8 @@ def evaluate(model, loader, runtime: Runtime, autocast: Callable[[], ContextMana
         ])
         if log_interval and runtime.is_primary and (step % log_interval == 0 or step == steps - 1):
             _logger.info(f'{name}: [{step + 1:>4d}/{steps}]')
-    check_unreadable(loader.dataset)
+    # Only here, after the loop: processes may have a batch more or less, so none may wait inside it.
+    check_unreadable(loader.dataset, runtime)
     loss_sum, top1, top5, count = sum_over_processes(list(totals), runtime)
     if count == 0:
         raise DataError('the validation split has no images to evaluate.')
