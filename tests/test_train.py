@@ -16,7 +16,7 @@ from timm.utils import ModelEmaV3, NativeScaler
 from conftest import ROOT, TINY_KWARGS, TINY_MODEL_ARGS, make_image_folder, script_env
 
 import train
-from utils.args import parse_train_args
+from utils.args import CONFIG_IGNORED_KEYS, parse_train_args
 from models import CheckpointError
 from utils.checkpointing import CheckpointKeeper, resume_training, training_state
 from utils.outputs import append_summary
@@ -82,7 +82,8 @@ def test_two_epochs_write_the_run_folder_and_plain_checkpoints(tmp_path, capsys)
     # args.yaml is a config that reproduces the run's options.
     again = parse_train_args(['-c', str(run / 'args.yaml')])
     saved = yaml.safe_load((run / 'args.yaml').read_text())
-    assert {k: v for k, v in vars(again).items() if k != 'config'} == {k: v for k, v in saved.items() if k != 'config'}
+    assert {k: v for k, v in vars(again).items() if k not in CONFIG_IGNORED_KEYS} == {
+        k: v for k, v in saved.items() if k not in CONFIG_IGNORED_KEYS}
 
 
 def test_accumulation_bfloat16_and_channels_last_on_cpu(tmp_path, capsys):
@@ -106,6 +107,18 @@ def test_config_sets_defaults_and_the_command_line_overrides_it(tmp_path):
     assert args.epochs == 3 and args.data_dir == 'somewhere'
     assert args.model_kwargs == {'gate': 'sgu', 'depths': [1, 1, 1, 1]}  # merged key by key
     assert args.batch_size == 128  # untouched default
+
+
+def test_a_run_made_from_args_yaml_takes_the_new_data_root_and_does_not_resume(tmp_path, capsys):
+    config = tmp_path / 'args.yaml'
+    config.write_text('data: /old\ndata_dir: /old\nresume: /old/run/last.pth.tar\nepochs: 7\n')
+    assert parse_train_args(['-c', str(config)]).data_dir == '/old'
+    assert parse_train_args(['-c', str(config), '/new']).data_dir == '/new'
+    again = parse_train_args(['-c', str(config), '--data-dir', '/new'])
+    assert again.data_dir == '/new' and again.resume == '' and again.epochs == 7
+    with pytest.raises(SystemExit):
+        parse_train_args(['/one', '--data-dir', '/two'])
+    assert 'the data root is given twice, as /one and as --data-dir /two' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('text, message', [

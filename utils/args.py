@@ -3,7 +3,8 @@
 Precedence: built-in defaults < config file < command line. A config key is an option's name with
 dashes or underscores (`drop_path: 0.1`, `model-ema: true`); an unknown key is an error, and string
 values are converted with the option's type (YAML reads `2e-3` as a string). The run's `args.yaml`
-is itself a valid config.
+is itself a valid config; the keys in it that record where that one run came from (the positional
+data root, --resume) are not read back, so a run made from it starts afresh on `data_dir`.
 """
 import argparse
 import os
@@ -19,8 +20,9 @@ class OptionError(ValueError):
     """Options that cannot work together or with this machine; the message says what to change."""
 
 
-# Keys of args.yaml that record the run rather than set an option.
-CONFIG_IGNORED_KEYS = ('config',)
+# Keys of args.yaml that record the run rather than its recipe: `data` is the positional root, kept in
+# `data_dir` too (which --data-dir overrides), and a recipe that resumed would make every run continue one.
+CONFIG_IGNORED_KEYS = ('config', 'data', 'resume')
 
 
 def plain(value: Any) -> Any:
@@ -274,6 +276,9 @@ def train_parser() -> argparse.ArgumentParser:
 def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = train_parser()
     args = parse_with_config(parser, argv)
+    data_dir_given = args.data_dir != parser.get_default('data_dir')  # on the command line, not by the config
+    if args.data and data_dir_given and args.data != args.data_dir:
+        parser.error(f'the data root is given twice, as {args.data} and as --data-dir {args.data_dir}; give it once.')
     args.data_dir = args.data or args.data_dir
     mixing = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     if mixing and args.batch_size % 2:
