@@ -8,6 +8,7 @@ import torch
 
 import models
 from conftest import TINY_KWARGS, reference_path
+from models.posmlp import PoSGU
 from utils import visualize
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -15,6 +16,30 @@ PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 def assert_png(path):
     assert path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
+
+
+@torch.no_grad()
+def measured_maps(gate, win_size, output_token):
+    """What output token m of `gate` reads from each input token n, measured through the gate's forward
+    rather than read off its weights: batch entry n puts a probe in input token n (zeros elsewhere, v = 1),
+    and output m's change from an all-zero input, per unit of probe as the gate sees it, is map[m, n].
+    Returns (groups, w, w) like `block_token_maps`: one map per PoSGU group, SGU's single map."""
+    num_tokens = win_size * win_size
+    if isinstance(gate, PoSGU):
+        channels = gate.gamma  # channel k is in group k % gamma: channel g stands for group g
+        probe = torch.ones(channels)
+        seen = probe  # PoSGU mixes u as it is
+    else:
+        channels = gate.norm.normalized_shape[0]
+        probe = torch.tensor([1., -1.]).repeat(channels // 2)
+        seen = gate.norm(probe) - gate.norm(torch.zeros(channels))  # SGU mixes LN(u)
+    one_hot = torch.cat([torch.eye(num_tokens), torch.zeros(1, num_tokens)])  # last entry: all-zero input
+    u = one_hot[:, None, :, None] * probe  # (batch, 1 window, tokens, channels)
+    out = gate(torch.cat([u, torch.ones_like(u)], -1))[:, 0, output_token]
+    change = (out[:-1] - out[-1]) / seen  # (input tokens, channels)
+    if not isinstance(gate, PoSGU):
+        change = change[:, :1]  # one map shared by every channel
+    return change.t().reshape(-1, win_size, win_size)
 
 
 @pytest.fixture(scope='module')
@@ -52,6 +77,7 @@ def test_gqpe_fixture_maps(tmp_path, gqpe_fixture):
     assert maps.kind == 'GQPE' and maps.token == (7, 7) and maps.maps.shape == (8, 14, 14)
     # Each group's row is a softmax over the window's input tokens.
     torch.testing.assert_close(maps.maps.sum((1, 2)), torch.ones(8))
+    torch.testing.assert_close(maps.maps, measured_maps(model.stages[0].blocks[0].gate, 14, 7 * 14 + 7))
 
 
 def test_lrpe_fixture_maps(tmp_path, lrpe_fixture):
@@ -60,9 +86,8 @@ def test_lrpe_fixture_maps(tmp_path, lrpe_fixture):
     assert visualize.draw_token_maps(str(checkpoint), ['0.0'], str(out), token='3,4') == str(out)
     assert_png(out)
     maps = visualize.block_token_maps(model, 0, 0, '3,4')
-    expected = model.stages[0].blocks[0].gate.pos()[:, 3 * 14 + 4].view(-1, 14, 14)
-    assert maps.kind == 'LRPE' and maps.signed
-    torch.testing.assert_close(maps.maps, expected.detach())
+    assert maps.kind == 'LRPE' and maps.signed and maps.maps.shape == (8, 14, 14)
+    torch.testing.assert_close(maps.maps, measured_maps(model.stages[0].blocks[0].gate, 14, 3 * 14 + 4))
 
 
 def test_sgu_checkpoint_maps(tmp_path, sgu_checkpoint):
@@ -70,9 +95,9 @@ def test_sgu_checkpoint_maps(tmp_path, sgu_checkpoint):
     out = tmp_path / 'sgu.png'
     visualize.draw_token_maps(str(path), ['0.0', '1.0'], str(out), token='center')
     assert_png(out)
-    maps = visualize.block_token_maps(model, 0, 0, '5')
-    assert maps.kind == 'SGU' and maps.token == (1, 1) and maps.maps.shape == (1, 4, 4)
-    torch.testing.assert_close(maps.maps[0], model.stages[0].blocks[0].gate.proj.weight[5].view(4, 4).detach())
+    maps = visualize.block_token_maps(model, 0, 0, '6')
+    assert maps.kind == 'SGU' and maps.token == (1, 2) and maps.maps.shape == (1, 4, 4)
+    torch.testing.assert_close(maps.maps, measured_maps(model.stages[0].blocks[0].gate, 4, 1 * 4 + 2))
 
 
 def test_bad_block_and_token_name_the_fix(tmp_path, sgu_checkpoint, capsys):
