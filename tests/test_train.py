@@ -126,6 +126,11 @@ def test_a_run_made_from_args_yaml_takes_the_new_data_root_and_does_not_resume(t
     ('lr: fast\n', "lr: 'fast' is not a valid float"),
     ('amp: 1.0\n', 'amp is an on/off option'),
     ('eval_metric: top3\n', "eval_metric: 'top3' is not one of"),
+    ('input_size: 224\n', 'input_size takes a list of 3 values (C H W), not 224'),
+    ('scale: 0.8\n', 'scale takes a list of 2 values (MIN MAX), not 0.8'),
+    ('batch_size: 64.0\n', 'batch_size: 64.0 is not a valid int'),
+    ('lr: true\n', 'lr: True is not a valid float'),
+    ('log_interval: 0\n', '--log-interval must be 1 or more, not 0'),
 ])
 def test_bad_config_is_named(tmp_path, capsys, text, message):
     config = tmp_path / 'bad.yaml'
@@ -134,6 +139,26 @@ def test_bad_config_is_named(tmp_path, capsys, text, message):
         parse_train_args(['-c', str(config), 'data'])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('option, message', [
+    (['--log-interval', '0'], '--log-interval must be 1 or more, not 0.'),
+    (['-b', '0'], '-b/--batch-size must be 1 or more, not 0.'),
+    (['-j', '-1'], '-j/--workers must be 0 or more, not -1; 0 loads the data in the training process.'),
+])
+def test_bad_numbers_are_named(capsys, option, message):
+    with pytest.raises(SystemExit):
+        parse_train_args(['data', *option])
+    assert message in capsys.readouterr().err
+
+
+def test_config_turns_torchcompile_on_with_true(tmp_path):
+    config = tmp_path / 'compile.yaml'
+    config.write_text('torchcompile: true\nlr: 1\n')
+    args = parse_train_args(['-c', str(config)])
+    assert args.torchcompile == 'inductor' and args.lr == 1.0 and isinstance(args.lr, float)
+    config.write_text('torchcompile: false\n')
+    assert parse_train_args(['-c', str(config)]).torchcompile is None
 
 
 def test_missing_config_file_is_named(tmp_path, capsys):

@@ -69,18 +69,31 @@ def _convert(parser, path: str, key: str, action: argparse.Action, value: Any) -
             parser.error(f'config {path}: {key} must be a mapping of keyword arguments, e.g. '
                          f'{{depths: [2, 2, 6, 2]}}, not {value!r}.')
         return value
+    if action.nargs == '?' and action.const is not None and isinstance(value, bool):
+        return action.const if value else None  # `torchcompile: true` as the bare option on the command line
     many = action.nargs not in (None, '?')
     items = value if isinstance(value, list) else [value]
     if not many and isinstance(value, list):
         parser.error(f'config {path}: {key} takes one value, not a list ({value!r}).')
+    if isinstance(action.nargs, int) and len(items) != action.nargs:
+        names = f' ({" ".join(action.metavar)})' if isinstance(action.metavar, tuple) else ''
+        parser.error(f'config {path}: {key} takes a list of {action.nargs} values{names}, not {value!r}.')
+    if action.nargs == '+' and not items:
+        parser.error(f'config {path}: {key} takes a list of one or more values, not an empty one.')
     converted = []
     for item in items:
+        kind = getattr(action.type, '__name__', 'value')
         if action.type is not None and isinstance(item, str):
             try:
                 item = action.type(item)
             except (TypeError, ValueError):
-                kind = getattr(action.type, '__name__', 'value')
                 parser.error(f'config {path}: {key}: {item!r} is not a valid {kind}.')
+        # YAML has already typed the other values: an int option takes no 64.0, a number option no true.
+        numbers = {int: (int,), float: (int, float)}.get(action.type)
+        if numbers and (isinstance(item, bool) or not isinstance(item, numbers)):
+            parser.error(f'config {path}: {key}: {item!r} is not a valid {kind}.')
+        if action.type is float:
+            item = float(item)
         if action.choices is not None and item not in action.choices:
             parser.error(f'config {path}: {key}: {item!r} is not one of {", ".join(map(str, action.choices))}.')
         converted.append(item)
@@ -273,6 +286,19 @@ def train_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Integer options whose smaller values make no sense: the least value, and what it means where that helps.
+INTEGER_MINIMUMS = (
+    ('batch_size', 1, ''), ('validation_batch_size', 1, ''), ('grad_accum_steps', 1, ''),
+    ('workers', 0, '; 0 loads the data in the training process'), ('threads', 0, "; 0 uses torch's default"),
+    ('epochs', 1, ''), ('warmup_epochs', 0, ''), ('cooldown_epochs', 0, ''), ('log_interval', 1, ''),
+    ('checkpoint_hist', 0, '; 0 keeps no epoch checkpoints'), ('max_steps_per_epoch', 0, '; 0 runs whole epochs'),
+)
+
+
+def _option_name(parser: argparse.ArgumentParser, dest: str) -> str:
+    return next('/'.join(a.option_strings) for a in parser._actions if a.dest == dest)
+
+
 def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = train_parser()
     args = parse_with_config(parser, argv)
@@ -280,6 +306,10 @@ def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.data and data_dir_given and args.data != args.data_dir:
         parser.error(f'the data root is given twice, as {args.data} and as --data-dir {args.data_dir}; give it once.')
     args.data_dir = args.data or args.data_dir
+    for dest, least, meaning in INTEGER_MINIMUMS:
+        value = getattr(args, dest)
+        if value is not None and value < least:
+            parser.error(f'{_option_name(parser, dest)} must be {least} or more, not {value}{meaning}.')
     mixing = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     if mixing and args.batch_size % 2:
         parser.error(f'mixup/cutmix mix each batch with its mirror, so -b/--batch-size must be even, '
@@ -289,8 +319,4 @@ def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                      f'posmlp_{{t,s,b}}_lrpe/_sgu.')
     if args.best_from_ema and not args.model_ema:
         parser.error('--best-from-ema ranks checkpoints by the EMA model, so it needs --model-ema.')
-    if args.grad_accum_steps < 1:
-        parser.error('--grad-accum-steps must be at least 1.')
-    if args.max_steps_per_epoch < 0:
-        parser.error('--max-steps-per-epoch must be 0 (whole epochs) or more.')
     return args
