@@ -35,7 +35,7 @@ def _native(device: torch.device, amp_dtype: str, note: str = '', warn: Callable
     dtype = AMP_DTYPES[amp_dtype]
     if device.type == 'cpu' and dtype == torch.float16:
         warn(f'{note}float16 AMP needs CUDA; running in float32 on the CPU '
-                        f'(--amp-dtype bfloat16 autocasts on the CPU).')
+             f'(--amp-dtype bfloat16 autocasts on the CPU).')
         return Precision(contextlib.nullcontext, None, 'float32')
     if note:
         warn(f'{note}using native torch AMP ({amp_dtype}) instead.')

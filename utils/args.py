@@ -16,6 +16,7 @@ from timm.utils import ParseKwargs
 
 import models  # noqa: F401  (registers the PosMLP models with timm)
 
+
 class OptionError(ValueError):
     """Options that cannot work together or with this machine; the message says what to change."""
 
