@@ -198,6 +198,10 @@ def train(args):
             trim_summary(summary_path, start_epoch)
         wandb_logger = WandbLogger(args.log_wandb, plain_args(args), output_dir)
     ranked_by = f'{"EMA" if args.best_from_ema else "eval"} {args.eval_metric}'
+    global_batch = args.batch_size * runtime.world_size * args.grad_accum_steps
+    _logger.info(f'Global batch {global_batch} = {args.batch_size} per process x {runtime.world_size} process(es) x '
+                 f'{args.grad_accum_steps} accumulated, at lr {args.lr:g}. The configs\' lr goes with their batch on '
+                 f'8 processes (1024 for posmlp_t); it is not rescaled for another global batch.')
     _logger.info(f'Precision: {precision.description}. Epochs {start_epoch}..{num_epochs - 1}, {steps} steps '
                  f'and {updates} updates each; checkpoints ranked by {ranked_by}.')
 

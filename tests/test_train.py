@@ -93,6 +93,7 @@ def test_accumulation_bfloat16_and_channels_last_on_cpu(tmp_path, capsys):
                             '--model-ema', '--log-wandb') == 0
     out = capsys.readouterr().out
     assert 'native AMP (bfloat16)' in out and '4 steps and 2 updates each' in out
+    assert 'Global batch 12 = 4 per process x 1 process(es) x 3 accumulated, at lr 0.002.' in out
     assert out.count('WARNING') == 1 and 'wandb package is not installed' in out
     last = load_checkpoint(tmp_path / 'out' / 'options' / 'last.pth.tar')
     assert float(last['optimizer']['state'][0]['step']) == 2 and last['scaler'] is None
@@ -398,6 +399,7 @@ def test_authors_command_line_runs_on_two_processes(tmp_path):
     result = run_script(['bash', str(ROOT / 'distributed_train.sh'), '2', str(data), *AUTHORS_COMMAND, *overrides],
                         cwd=tmp_path)
     assert 'on cpu, 2 process(es)' in result.stdout
+    assert 'Global batch 8 = 4 per process x 2 process(es) x 1 accumulated' in result.stdout
     assert (result.stdout + result.stderr).count('--apex-amp: NVIDIA apex is not installed') == 1
     assert 'Train: 0 [   2/2 (100%)]' in result.stdout
     _, rows = read_summary(tmp_path / 'out' / 'authors')
