@@ -244,6 +244,18 @@ class CudaMemory:
         return (torch.cuda.max_memory_allocated(self.device) - self.baseline) / 2 ** 20
 
 
+def benchmark_input_size(model: torch.nn.Module, model_kwargs: Dict[str, object],
+                         img_size: Optional[int]) -> Tuple[int, int, int]:
+    """(C, H, W) of the inputs: --img-size, else the entry's img_size and in_chans model arguments, else
+    the model's data config (which does not follow the arguments it was built with)."""
+    channels, height, width = resolve_model_data_config(model)['input_size']
+    channels = model_kwargs.get('in_chans', channels)
+    side = img_size or model_kwargs.get('img_size')
+    if side is not None:
+        height, width = (side, side) if isinstance(side, int) else side
+    return channels, height, width
+
+
 def count_gmacs(model: torch.nn.Module, input_shape: Tuple[int, ...], device: torch.device,
                 memory_format: torch.memory_format) -> float:
     """Multiply-accumulates of one inference forward of one image, in billions."""
@@ -282,16 +294,13 @@ class ModelBench:
             raise BenchmarkError(f'{describe_error(error)} (check the keyword names in --model-kwargs and in '
                                  f'the entry against the model\'s constructor)') from error
         self.params_m = sum(p.numel() for p in model.parameters()) / 1e6
-        input_size = resolve_model_data_config(model)['input_size']
-        if config.img_size:
-            input_size = (input_size[0], config.img_size, config.img_size)
-        self.input_size = input_size
+        self.input_size = input_size = benchmark_input_size(model, kwargs, config.img_size)
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         model.to(device=self.device, memory_format=memory_format)
         try:
             self.gmacs = count_gmacs(model, input_size, self.device, memory_format)
         except Exception as error:
-            if config.img_size:
+            if config.img_size and 'img_size' not in kwargs:
                 raise BenchmarkError(f'{describe_error(error)} (with --img-size {config.img_size}: a model with a '
                                      f'fixed input size needs img_size={config.img_size} in --model-kwargs or in '
                                      f'its entry)') from error
@@ -544,7 +553,7 @@ def result_row(task: Task, info: Dict[str, object], timings: List[Tuple[float, f
         optimizer=config.opt if task.mode == 'train' else '',
         rounds=len(seconds),
         steps_per_round=config.steps,
-        round_img_per_sec=[round(images / s, 3) for s in seconds],
+        round_img_per_sec=[images / s for s in seconds],  # rounded when written
         model_kwargs=model_kwargs,
     )
 
@@ -595,31 +604,42 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(device: torch.device, threads: Optional[int]) -> Dict[str, object]:
+# Environment variables that change speed without showing in the command: allocators, thread pools, devices.
+TIMING_ENV_PREFIXES = ('MALLOC_', 'LD_PRELOAD', 'OMP_', 'MKL_', 'KMP_', 'CUDA_VISIBLE_DEVICES', 'PYTHONPATH')
+
+
+def environment(argv: List[str], args: argparse.Namespace, device: torch.device) -> Dict[str, object]:
+    """What a results file needs for a reader to know how and where it was measured."""
     return dict(
         date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
-        command='python3 ' + shlex.join(sys.argv),
-        device=str(device),
+        command='python3 benchmark.py ' + shlex.join(argv),
         device_name=device_name(device),
         machine=platform.machine(),
         cpu_count=os.cpu_count(),
-        torch_threads=threads or torch.get_num_threads(),
+        torch_threads=args.threads or torch.get_num_threads(),
         python=platform.python_version(),
         torch=torch.__version__,
         timm=timm.__version__,
+        warmup=args.warmup,
+        lr=args.lr,
+        baseline=args.baseline or '',
+        env_vars={k: v for k, v in sorted(os.environ.items()) if k.startswith(TIMING_ENV_PREFIXES)},
     )
 
 
 def write_results(path: Path, rows: List[Dict[str, object]], env: Dict[str, object]):
+    """JSON: the environment once, then the rows. CSV: one line per row, the environment in every line."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [dict(row, round_img_per_sec=[round(rate, 3) for rate in row['round_img_per_sec']]) for row in rows]
     if path.suffix == '.json':
         path.write_text(json.dumps(dict(environment=env, results=rows), indent=2, default=repr) + '\n')
         return
     with path.open('w', newline='') as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]) + list(env))
         writer.writeheader()
+        env_cells = dict(env, env_vars=json.dumps(env['env_vars']))
         for row in rows:
-            writer.writerow(dict(row, round_img_per_sec=' '.join(map(str, row['round_img_per_sec'])),
+            writer.writerow(dict(row, **env_cells, round_img_per_sec=' '.join(map(str, row['round_img_per_sec'])),
                                  model_kwargs=json.dumps(row['model_kwargs'], default=repr)))
 
 
@@ -732,11 +752,12 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, Li
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, specs, config = parse_args(argv)
     modes = MODES if args.bench == 'both' else (args.bench,)
     tasks = [Task(spec, mode) for spec in specs for mode in modes]
     device = torch.device(config.device)
-    env = environment(device, config.threads)
+    env = environment(argv, args, device)
     log(f'{len(tasks)} benchmarks on {device} ({env["device_name"]}), '
         f'{"one worker process each" if args.isolate else "all in this process"}')
     try:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+import timm
+import torch
 
 from conftest import ROOT, TINY_KWARGS
 
@@ -21,9 +23,9 @@ NUMBER_COLUMNS = ('img_per_sec', 'img_per_sec_min', 'img_per_sec_max', 'ms_per_s
 COLUMNS = ('model', 'setting', 'mode', 'batch_size', 'img_size', 'dtype') + NUMBER_COLUMNS
 
 
-def run_benchmark(*args: str) -> subprocess.CompletedProcess:
+def run_benchmark(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / 'benchmark.py'), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, **env))
 
 
 def check_row(row: dict, mode: str, setting: str, memory_reported: bool = True):
@@ -40,7 +42,7 @@ def check_row(row: dict, mode: str, setting: str, memory_reported: bool = True):
 def test_infer_and_train_in_workers_write_csv(tmp_path):
     results = tmp_path / 'results.csv'
     done = run_benchmark('--model', 'posmlp_t', '--bench', 'both', *QUICK_ARGS, *TINY_ARGS,
-                         '--results-file', str(results))
+                         '--results-file', str(results), MALLOC_ARENA_MAX='2')
     assert done.returncode == 0, done.stderr
     header, *lines = done.stdout.strip().splitlines()[1:]
     assert header.split()[:3] == ['model', 'setting', 'mode'] and 'peak' in header
@@ -52,6 +54,10 @@ def test_infer_and_train_in_workers_write_csv(tmp_path):
         check_row(row, mode, 'default')
     assert rows[1]['optimizer'] == 'sgd'
     assert len(rows[0]['round_img_per_sec'].split()) == 2
+    # Each line says how and where it was measured, allocator settings included.
+    assert rows[0]['command'].startswith('python3 benchmark.py --model posmlp_t') and rows[0]['torch']
+    assert rows[0]['warmup'] == '1' and rows[0]['torch_threads'] == '1'
+    assert json.loads(rows[0]['env_vars'])['MALLOC_ARENA_MAX'] == '2'
 
 
 def test_entry_settings_in_one_process_write_json(tmp_path):
@@ -70,6 +76,63 @@ def test_entry_settings_in_one_process_write_json(tmp_path):
     assert rows[1]['model_kwargs']['gate_impl'] == 'reference'
     assert rows[1]['model_kwargs']['embed_dims'] == [8, 16, 16, 32]
     check_row(rows[1], 'infer', 'gate_impl=reference', memory_reported=False)
+
+
+def analytic_macs(kwargs: dict, num_classes: int = 1000, in_chans: int = 3) -> int:
+    """Multiply-accumulates of one GQPE PosMLP forward on one image, counted by hand (windows of 2 or more)."""
+    side = (kwargs['img_size'] + 1) // 2
+    dims = kwargs['embed_dims']
+    macs = side * side * (dims[0] // 2) * in_chans * 9          # stem conv1, 3x3 stride 2
+    side = (side + 1) // 2
+    macs += side * side * dims[0] * (dims[0] // 2) * 9          # stem conv2, 3x3 stride 2
+    macs += side * side * dims[0] * dims[0]                     # stem conv3, 1x1
+    stages = zip(dims, kwargs['depths'], kwargs['mlp_ratio'], kwargs['gamma'], kwargs['win_size'])
+    for i, (dim, depth, ratio, gamma, win) in enumerate(stages):
+        if i:
+            side = (side + 1) // 2
+            macs += side * side * dim * 9                       # downsample: 3x3 conv, one input channel each
+        tokens, hidden, window = side * side, int(ratio * dim), win * win
+        maps = gamma * 2 * 2 * 2 + gamma * 5 * window * window  # S S^T, then 5 feature weights per offset
+        mlp = tokens * dim * hidden + tokens * (hidden // 2) * window + tokens * (hidden // 2) * dim
+        macs += depth * (maps + mlp)                            # fc1, the mixing, fc2
+    return macs + dims[-1] * num_classes
+
+
+@pytest.mark.parametrize('gate_impl', ['fast', 'reference'])
+def test_gmacs_match_a_count_by_hand(gate_impl):
+    kwargs = dict(TINY_KWARGS, img_size=64, win_size=(4, 4, 2, 2))
+    model = timm.create_model('posmlp_t', gate_impl=gate_impl, **kwargs)
+    gmacs = benchmark.count_gmacs(model, (3, 64, 64), torch.device('cpu'), torch.contiguous_format)
+    assert round(gmacs * 1e9) == analytic_macs(kwargs)
+
+
+def test_input_size_follows_the_entry_model_arguments():
+    kwargs = dict(TINY_KWARGS, img_size=64, in_chans=1)
+    model = timm.create_model('posmlp_t', **kwargs)
+    assert benchmark.benchmark_input_size(model, kwargs, None) == (1, 64, 64)
+    assert benchmark.benchmark_input_size(model, kwargs, 48) == (1, 48, 48)  # --img-size wins
+    assert benchmark.benchmark_input_size(model, dict(kwargs, img_size=(64, 96)), None) == (1, 64, 96)
+    assert benchmark.benchmark_input_size(model, {}, None) == (3, 224, 224)  # the model's data config
+
+
+def rows_from_round_times(*seconds_per_entry):
+    """Result rows of entries whose rounds took these wall times (batch 2, one step per round)."""
+    _, specs, config = benchmark.parse_args(['--model', 'posmlp_t', 'posmlp_t:gate_impl=reference', *QUICK_ARGS])
+    tasks = [benchmark.Task(spec, 'infer') for spec in specs]
+    info = dict(img_size=32, dtype='float32', params_m=1., gmacs=1.)
+    rows = [benchmark.result_row(task, info, [(wall, wall) for wall in seconds], None, config)
+            for task, seconds in zip(tasks, seconds_per_entry)]
+    benchmark.add_speed_vs_baseline(rows, tasks, tasks[0].spec)
+    return rows
+
+
+def test_speed_vs_baseline_is_the_median_of_per_round_ratios():
+    base, other = rows_from_round_times([0.2, 0.1, 0.05], [2 / 15, 0.1, 0.02])  # 10, 20, 40 and 15, 20, 100 img/s
+    # Per-round ratios 1.5, 1.0 and 2.5: their median, not the ratio of the medians (1.0).
+    assert other['speed_vs_baseline'] == 1.5 and base['speed_vs_baseline'] == 1.0
+    # From the rates as measured, not as rounded for the results file (0.0004 and 0.0006 img/s round to 0.0 and 0.001).
+    _, slow = rows_from_round_times([5000., 5000.], [10000 / 3, 10000 / 3])
+    assert slow['speed_vs_baseline'] == 1.5
 
 
 def test_model_error_in_a_worker_names_the_entry():
