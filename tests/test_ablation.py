@@ -29,15 +29,27 @@ def test_reduced_folder_keeps_val_and_is_reused(tmp_path, image_folder):
 def test_bad_options_name_the_fix(tmp_path, capsys):
     assert ablation.main(['--out', str(tmp_path), '--reduced-fraction', '1.5']) == 1
     assert 'between 0 and 1' in capsys.readouterr().err
-    assert ablation.main(['--out', str(tmp_path), '--model-kwarg', 'win_size']) == 1
-    assert 'KEY=VALUE' in capsys.readouterr().err
+    assert ablation.main(['--out', str(tmp_path), '--model-kwargs', 'win_size']) == 1
+    assert '--model-kwargs' in capsys.readouterr().err
+
+
+def test_model_kwargs_spelled_as_in_train_py():
+    parser = ablation.build_parser()
+    # --model-kwarg, the old name, still reads: the commands recorded in logs/ use it. As a name of its own,
+    # not by argparse's prefix matching, which another --model-kwarg* option would make ambiguous.
+    parser.allow_abbrev = False
+    args = parser.parse_args(['--model-kwargs', 'win_size=[8,4,2,1]', 'gamma=2', '--model-kwarg', 'depths=[1,1,1,1]'])
+    assert ablation.parse_model_kwargs(args.model_kwargs) == dict(win_size=[8, 4, 2, 1], gamma=2, depths=[1, 1, 1, 1])
+    shown = ablation.argv_for_table(args)
+    assert shown == ['--model-kwargs', 'win_size=[8,4,2,1]', 'gamma=2', 'depths=[1,1,1,1]']
+    assert parser.parse_args(shown) == args  # the table's reproduce command means the same run
 
 
 def test_smoke_two_gates_table_and_logs(tmp_path, image_folder, capsys):
     out, runs = tmp_path / 'logs', tmp_path / 'runs'
     argv = ['--out', str(out), '--runs-dir', str(runs), '--data-dir', str(image_folder),
             '--gates', 'gqpe', 'sgu', '--seeds', '0', '--regimes', 'reduced', '--reduced-fraction', '0.5',
-            '--epochs', '1', '--model-kwarg', 'embed_dims=[8,16,16,32]',
+            '--epochs', '1', '--model-kwargs', 'embed_dims=[8,16,16,32]',
             '--', '-b', '4', '--workers', '0', '--warmup-epochs', '0']
     assert ablation.main(argv) == 0
     with open(out / 'results.csv', newline='') as f:
@@ -47,7 +59,7 @@ def test_smoke_two_gates_table_and_logs(tmp_path, image_folder, capsys):
     assert int(rows[0]['params']) < int(rows[1]['params'])  # SGU's N x N matrices outweigh GQPE's Gaussians
     table = (out / 'table.md').read_text()
     assert '| gqpe | reduced | 9 | 2 |' in table and '| sgu | reduced | 9 | 2 |' in table
-    assert '--epochs 1' in table and '-- -b 4' in table
+    assert '--epochs 1' in table and "--model-kwargs 'embed_dims=[8,16,16,32]'" in table and '-- -b 4' in table
     for run in ('reduced-gqpe-seed0', 'reduced-sgu-seed0'):
         assert (out / run / 'summary.csv').is_file() and (out / run / 'args.yaml').is_file()
     assert (out / 'reduced_train_images.txt').read_text().count('\n') == 9
