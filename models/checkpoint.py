@@ -17,7 +17,7 @@ import timm
 import torch
 from torch import nn
 
-from .posmlp import _SIZES, checkpoint_filter_fn
+from .posmlp import VARIANT_EMBED_DIMS, checkpoint_filter_fn
 
 _logger = logging.getLogger(__name__)
 
@@ -180,7 +180,8 @@ def infer_model_kwargs(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
 def _registered_name(model_kwargs: Dict[str, Any]) -> str:
     """The registered PosMLP name for an inferred architecture: the size (T, S, B) whose widths it has,
     T's when none matches (the kwargs then set the widths), and the gate's suffix."""
-    size = next((s for s, cfg in _SIZES.items() if tuple(cfg['embed_dims']) == tuple(model_kwargs['embed_dims'])), 't')
+    widths = tuple(model_kwargs['embed_dims'])
+    size = next((s for s, dims in VARIANT_EMBED_DIMS.items() if dims == widths), 't')
     gate = model_kwargs.get('gate', 'gqpe')
     return f'posmlp_{size}' + ('' if gate == 'gqpe' else f'_{gate}')
 

@@ -26,7 +26,10 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-__all__ = ['PosMLP', 'PoSGU', 'SGU', 'GQPE', 'LRPE', 'checkpoint_filter_fn', 'level_sizes', 'valid_img_sizes']
+__all__ = [
+    'PosMLP', 'PoSGU', 'SGU', 'GQPE', 'LRPE', 'VARIANT_EMBED_DIMS', 'checkpoint_filter_fn', 'level_sizes',
+    'valid_img_sizes',
+]
 
 LN_EPS = 1e-6
 GATES = ('gqpe', 'lrpe', 'sgu')
@@ -852,16 +855,13 @@ default_cfgs = generate_default_cfgs({
     'posmlp_b_sgu': _cfg(),
 })
 
-_SIZES = dict(
-    t=dict(embed_dims=(96, 192, 384, 768)),
-    s=dict(embed_dims=(128, 256, 512, 1024)),
-    b=dict(embed_dims=(192, 384, 768, 1536)),
-)
+# The stage widths of each registered size; everything else is shared.
+VARIANT_EMBED_DIMS = dict(t=(96, 192, 384, 768), s=(128, 256, 512, 1024), b=(192, 384, 768, 1536))
 
 
 def _posmlp(size: str, variant_gate: str, pretrained: bool, **kwargs) -> PosMLP:
     suffix = '' if variant_gate == 'gqpe' else f'_{variant_gate}'
-    model_args = dict(depths=(2, 2, 18, 2), gate=variant_gate, **_SIZES[size])
+    model_args = dict(depths=(2, 2, 18, 2), gate=variant_gate, embed_dims=VARIANT_EMBED_DIMS[size])
     return _create_posmlp(f'posmlp_{size}{suffix}', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
