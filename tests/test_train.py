@@ -1,5 +1,6 @@
 """train.py and distributed_train.sh on CPU: tiny PosMLPs on generated image folders, a few steps each."""
 import csv
+import json
 import signal
 import subprocess
 import sys
@@ -16,8 +17,9 @@ from timm.utils import ModelEmaV3, NativeScaler
 from conftest import ROOT, TINY_KWARGS, TINY_MODEL_ARGS, make_image_folder, script_env
 
 import train
-from utils.args import CONFIG_IGNORED_KEYS, parse_train_args
+import validate
 from models import CheckpointError
+from utils.args import CONFIG_IGNORED_KEYS, parse_train_args
 from utils.checkpointing import CheckpointKeeper, resume_training, training_state
 from utils.outputs import append_summary
 
@@ -394,7 +396,7 @@ def test_killed_run_resumes_where_its_last_checkpoint_left_off(tmp_path):
 def test_authors_command_line_runs_on_two_processes(tmp_path):
     data = make_image_folder(tmp_path / 'data', per_class=8)
     overrides = ['-b', '4', '-j', '0', '--threads', '1', '--img-size', '32', *TINY_MODEL_ARGS, '--epochs', '1',
-                 '--cooldown-epochs', '0', '--max-steps-per-epoch', '2',
+                 '--cooldown-epochs', '0', '--max-steps-per-epoch', '2', '--model-ema', '--model-ema-decay', '0.5',
                  '--output', str(tmp_path / 'out'), '--experiment', 'authors']
     result = run_script(['bash', str(ROOT / 'distributed_train.sh'), '2', str(data), *AUTHORS_COMMAND, *overrides],
                         cwd=tmp_path)
@@ -406,6 +408,16 @@ def test_authors_command_line_runs_on_two_processes(tmp_path):
     assert len(rows) == 1
     args = load_checkpoint(tmp_path / 'out' / 'authors' / 'last.pth.tar')['args']
     assert args['mixup'] == 0.8 and args['aa'] == 'rand-m9-mstd0.5-inc1' and args['apex_amp'] is True
+
+    # Each process's EMA has BatchNorm statistics of its own data; only if they are synced before the EMA
+    # is scored do the two processes score one model, the one saved, and one process measures the same.
+    results = tmp_path / 'ema.json'
+    assert validate.main([str(data), '--checkpoint', str(tmp_path / 'out' / 'authors' / 'last.pth.tar'), '--use-ema',
+                          '-b', '4', '-j', '0', '--results-file', str(results)]) == 0
+    measured = json.loads(results.read_text())
+    assert float(rows[0]['ema_top1']) == pytest.approx(measured['top1'])
+    # Unsynced, the two differ by about 1e-4 here; synced, by float32 rounding (about 1e-8).
+    assert float(rows[0]['ema_loss']) == pytest.approx(measured['loss'], rel=1e-6)
 
 
 def test_short_command_line_runs(tmp_path):
