@@ -167,6 +167,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.results_file and not args.results_file.endswith(RESULT_FORMATS):
         parser.error(f'--results-file {args.results_file}: name it .csv or .json to choose the format.')
+    if args.data and args.data_dir and args.data != args.data_dir:
+        parser.error(f'the data folder is given twice, as {args.data} and --data-dir {args.data_dir}; give it once.')
+    if not (args.data or args.data_dir or args.dataset):
+        parser.error('give the data folder to evaluate on (DIR or --data-dir).')
+    for name, minimum in (('batch_size', 1), ('workers', 0), ('log_interval', 1)):
+        if getattr(args, name) < minimum:
+            parser.error(f'--{name.replace("_", "-")} must be at least {minimum}, not {getattr(args, name)}.')
     return run_script(validate, args, (DataError, CheckpointError, OptionError), _logger)
 
 

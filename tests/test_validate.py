@@ -212,6 +212,19 @@ def test_bad_input_is_named(tmp_path, capsys, case, message):
     assert message in out and 'Traceback' not in out
 
 
+@pytest.mark.parametrize('argv, message', [
+    (['a', '--data-dir', 'b'], 'given twice, as a and --data-dir b'),
+    ([], 'give the data folder'),
+    (['a', '-b', '0'], '--batch-size must be at least 1, not 0'),
+    (['a', '-j', '-1'], '--workers must be at least 0, not -1'),
+    (['a', '--log-interval', '0'], '--log-interval must be at least 1, not 0'),
+])
+def test_bad_options_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        validate.main([*argv, '--checkpoint', 'x'])
+    assert message in capsys.readouterr().err
+
+
 def test_results_file_needs_a_known_format(tmp_path, capsys):
     with pytest.raises(SystemExit):
         validate.main([str(tmp_path), '--checkpoint', 'x', '--results-file', str(tmp_path / 'r.txt')])

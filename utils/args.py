@@ -161,8 +161,8 @@ def train_parser() -> argparse.ArgumentParser:
                        help='classes of the model head (default: the number of class folders in train/)')
     group.add_argument('--in-chans', type=int, default=None, help='image channels (default: 3)')
     group.add_argument('--max-bad-images', type=int, default=None, metavar='N',
-                       help='unreadable images that are skipped (with a warning each) before the run stops '
-                            '(default: 1%% of the split)')
+                       help='unreadable images that are skipped (with a warning each, all processes together) '
+                            'before the run stops (default: 1%% of the split); image folders only')
     group.add_argument('-j', '--workers', type=int, default=min(4, os.cpu_count() or 1),
                        help='data loading processes per training process')
     group.add_argument('--pin-mem', action='store_true', help='pin CPU memory of batches (CUDA)')
