@@ -564,7 +564,7 @@ def add_speed_vs_baseline(rows: List[Dict[str, object]], tasks: List[Task], base
     base_rates = {task.mode: row['round_img_per_sec'] for task, row in zip(tasks, rows) if task.spec == baseline}
     for task, row in zip(tasks, rows):
         ratios = [rate / base for rate, base in zip(row['round_img_per_sec'], base_rates[task.mode])]
-        row['speed_vs_baseline'] = round(statistics.median(ratios), 3)
+        row['speed_vs_baseline'] = statistics.median(ratios)  # rounded when written
 
 
 def format_cell(key: Optional[str], row: Dict[str, object]) -> str:
@@ -630,7 +630,9 @@ def environment(argv: List[str], args: argparse.Namespace, device: torch.device)
 def write_results(path: Path, rows: List[Dict[str, object]], env: Dict[str, object]):
     """JSON: the environment once, then the rows. CSV: one line per row, the environment in every line."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [dict(row, round_img_per_sec=[round(rate, 3) for rate in row['round_img_per_sec']]) for row in rows]
+    rows = [dict(row, round_img_per_sec=[round(rate, 3) for rate in row['round_img_per_sec']],
+                 speed_vs_baseline=None if row['speed_vs_baseline'] is None else round(row['speed_vs_baseline'], 3))
+            for row in rows]
     if path.suffix == '.json':
         path.write_text(json.dumps(dict(environment=env, results=rows), indent=2, default=repr) + '\n')
         return

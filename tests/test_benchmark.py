@@ -129,10 +129,13 @@ def rows_from_round_times(*seconds_per_entry):
 def test_speed_vs_baseline_is_the_median_of_per_round_ratios():
     base, other = rows_from_round_times([0.2, 0.1, 0.05], [2 / 15, 0.1, 0.02])  # 10, 20, 40 and 15, 20, 100 img/s
     # Per-round ratios 1.5, 1.0 and 2.5: their median, not the ratio of the medians (1.0).
-    assert other['speed_vs_baseline'] == 1.5 and base['speed_vs_baseline'] == 1.0
+    assert other['speed_vs_baseline'] == pytest.approx(1.5) and base['speed_vs_baseline'] == 1.0
     # From the rates as measured, not as rounded for the results file (0.0004 and 0.0006 img/s round to 0.0 and 0.001).
     _, slow = rows_from_round_times([5000., 5000.], [10000 / 3, 10000 / 3])
-    assert slow['speed_vs_baseline'] == 1.5
+    assert slow['speed_vs_baseline'] == pytest.approx(1.5)
+    # Rounded once, for the table: 1.1346 is 1.13x (rounding to 1.135 first would print 1.14x).
+    _, near = rows_from_round_times([1.], [1 / 1.1346])
+    assert benchmark.format_cell('speed_vs_baseline', near) == '1.13x'
 
 
 def test_model_error_in_a_worker_names_the_entry():
