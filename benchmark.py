@@ -354,7 +354,9 @@ class ModelBench:
             torch.cuda.synchronize(self.device)
 
     def describe(self) -> Dict[str, object]:
-        return dict(params_m=self.params_m, gmacs=self.gmacs, img_size=self.input_size[-1], dtype=self.dtype)
+        height, width = self.input_size[1:]
+        img_size = height if height == width else f'{height}x{width}'
+        return dict(params_m=self.params_m, gmacs=self.gmacs, img_size=img_size, dtype=self.dtype)
 
     def measure_round(self) -> Tuple[float, float]:
         """Wall-clock and process CPU seconds for `steps` steps."""
@@ -604,8 +606,12 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-# Environment variables that change speed without showing in the command: allocators, thread pools, devices.
-TIMING_ENV_PREFIXES = ('MALLOC_', 'LD_PRELOAD', 'OMP_', 'MKL_', 'KMP_', 'CUDA_VISIBLE_DEVICES', 'PYTHONPATH')
+# Environment variables that change speed without showing in the command: allocators, thread pools, math
+# modes, compilers, devices, and where imported code comes from.
+TIMING_ENV_PREFIXES = (
+    'MALLOC_', 'LD_PRELOAD', 'OMP_', 'MKL_', 'KMP_', 'PYTORCH_', 'TORCH', 'NVIDIA_TF32_OVERRIDE', 'CUBLAS_',
+    'CUDNN_', 'CUDA_', 'NCCL_', 'PYTHONPATH',
+)
 
 
 def environment(argv: List[str], args: argparse.Namespace, device: torch.device) -> Dict[str, object]:

@@ -47,13 +47,19 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        # torch names the class or function a pickle would call; any other failure means a damaged file.
-        unsafe = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
-        if unsafe:
+        message = str(e)
+        if mmap and 'mmap can only be used' in message:  # a file in torch's pre-1.6 format: read it whole
+            return load_checkpoint_file(path)
+        # The weights-only unpickler refuses what a pickle would call, naming it (in wordings that vary);
+        # bytes that are no pickle at all ("Unsupported operand") or end early mean a damaged file.
+        unsafe = re.search(r'GLOBAL (\S+)', message, re.IGNORECASE)
+        refused = message.startswith('Weights only load failed') and 'Unsupported operand' not in message
+        if unsafe or refused:
+            called = unsafe.group(1) if unsafe else 'something other than tensors and plain data'
             raise CheckpointError(
-                f'refusing to load {path!r}: unpickling it would call {unsafe.group(1)}, i.e. run code from the '
-                f'file. Only weights-only checkpoints are loaded; if you trust the file, re-save its state_dict '
-                f'with plain types.') from None
+                f'refusing to load {path!r}: unpickling it would call {called}, i.e. run code from the file. '
+                f'Only weights-only checkpoints are loaded; if you trust the file, re-save its state_dict with '
+                f'plain types.') from None
         with open(path, 'rb') as f:
             start = f.read(16)
         raise CheckpointError(

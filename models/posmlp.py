@@ -280,14 +280,14 @@ class PoSGU(nn.Module):
         self.pos = GQPE(win_size, gamma, generalized) if pos_enc == 'gqpe' else LRPE(win_size, gamma)
         self.token_bias = nn.Parameter(torch.zeros(1, win_size * win_size, 1))
         self._cached_maps: Optional[torch.Tensor] = None
-        self._cached_from: List[torch.Tensor] = []
+        self._cache_key: Optional[tuple] = None
 
-    def _cache_is_current(self, params: List[torch.Tensor]) -> bool:
-        # Compared by value: version counters miss in-place edits through `.data` (hand-written EMA
-        # updates) and do not exist for tensors made under inference_mode. The parameters are tiny.
-        return len(self._cached_from) == len(params) and all(
-            c.dtype == p.dtype and c.device == p.device and torch.equal(c, p)
-            for c, p in zip(self._cached_from, params))
+    def _maps_cache_key(self) -> tuple:
+        # Identifies the parameters' values without reading them (on a GPU, reading them would make the
+        # host wait in every block): in-place updates (optimizer steps, load_state_dict, edits under
+        # no_grad) bump a tensor's version, and .to()/.half() give new storage. Edits through `.data`
+        # bypass the version counter: call train() or eval() after them, which drops the cache.
+        return tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self.pos.parameters())
 
     def maps(self, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The token-mixing maps; reused across calls only when no gradient can flow to them and the
@@ -297,17 +297,19 @@ class PoSGU(nn.Module):
             and not self.training
             and not torch.is_grad_enabled()
             and not _graph_capture()
+            # Tensors made under inference_mode keep no version counter.
+            and not any(p.is_inference() for p in self.pos.parameters())
         )
         if not cacheable:
             return self.pos(invalid_tokens)
-        params = [p.detach() for p in self.pos.parameters()]
-        if self._cached_maps is None or not self._cache_is_current(params):
+        key = self._maps_cache_key()
+        if self._cache_key != key:
             self._cached_maps = self.pos()
-            self._cached_from = [p.clone() for p in params]
+            self._cache_key = key
         return self._cached_maps
 
     def train(self, mode: bool = True):
-        self._cached_maps, self._cached_from = None, []
+        self._cached_maps, self._cache_key = None, None
         return super().train(mode)
 
     def forward(self, x: torch.Tensor, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:

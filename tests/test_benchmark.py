@@ -126,6 +126,13 @@ def rows_from_round_times(*seconds_per_entry):
     return rows
 
 
+def test_rectangular_inputs_are_reported_as_such():
+    model_kwargs = TINY_ARGS[TINY_ARGS.index('--model-kwargs'):]  # without --img-size
+    _, specs, config = benchmark.parse_args(['--model', 'posmlp_t:img_size=(32, 64)', *QUICK_ARGS, *model_kwargs])
+    runner = benchmark.InProcessRunner(benchmark.Task(specs[0], 'infer'), config)
+    assert runner.prepare()['img_size'] == '32x64'
+
+
 def test_speed_vs_baseline_is_the_median_of_per_round_ratios():
     base, other = rows_from_round_times([0.2, 0.1, 0.05], [2 / 15, 0.1, 0.02])  # 10, 20, 40 and 15, 20, 100 img/s
     # Per-round ratios 1.5, 1.0 and 2.5: their median, not the ratio of the medians (1.0).

@@ -320,19 +320,23 @@ def test_headless_backbone_takes_all_weights_but_the_head(tmp_path, caplog, fine
 
 
 class _RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
+    """Unpickles by calling `function(*args)`."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
 
     def __reduce__(self):
-        return (open, (self.marker, 'w'))
+        return self.function, self.args
 
 
-def test_pickle_that_would_run_code_is_refused(tmp_path):
+@pytest.mark.parametrize('call', ['open', 'os.system'])  # torch words its refusals of the two differently
+def test_pickle_that_would_run_code_is_refused(tmp_path, call):
     marker = tmp_path / 'code_ran'
     path = tmp_path / 'evil.pth.tar'
     model = timm.create_model('posmlp_t', num_classes=4, **TINY_KWARGS)
-    torch.save({'state_dict': model.state_dict(), 'payload': _RunsCode(str(marker))}, path)
-    with pytest.raises(CheckpointError, match='run code'):
+    payload = _RunsCode(open, str(marker), 'w') if call == 'open' else _RunsCode(os.system, f'touch {marker}')
+    torch.save({'state_dict': model.state_dict(), 'payload': payload}, path)
+    with pytest.raises(CheckpointError, match=r'refusing .* would call \S*(open|system), i.e. run code'):
         models.create_model_from_checkpoint(str(path))
     overlay = dict(file=str(path), num_classes=4)
     with pytest.raises(Exception, match='(?i)weights.only'):
@@ -350,6 +354,12 @@ def test_file_that_is_not_a_checkpoint_is_named_as_such(tmp_path, content):
     with pytest.raises(CheckpointError, match='is not a PyTorch checkpoint') as error:
         models.load_checkpoint_file(str(path))
     assert 'refusing' not in str(error.value) and 'head -c' in str(error.value)
+
+
+def test_mmap_reads_a_checkpoint_in_the_old_format_too(tmp_path):
+    path = tmp_path / 'old.pth.tar'
+    torch.save({'metric': 1.5, 'w': torch.ones(2)}, path, _use_new_zipfile_serialization=False)
+    assert models.load_checkpoint_file(str(path), mmap=True)['metric'] == 1.5
 
 
 def test_missing_checkpoint_is_named(tmp_path):
