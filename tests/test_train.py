@@ -19,7 +19,7 @@ from conftest import ROOT, TINY_KWARGS, TINY_MODEL_ARGS, make_image_folder, scri
 import train
 import validate
 from models import CheckpointError
-from utils.args import CONFIG_IGNORED_KEYS, parse_train_args
+from utils.args import parse_train_args
 from utils.checkpointing import CheckpointKeeper, resume_training, training_state
 from utils.outputs import append_summary
 
@@ -81,11 +81,13 @@ def test_two_epochs_write_the_run_folder_and_plain_checkpoints(tmp_path, capsys)
     assert 'Train: 1 [   4/4 (100%)]' in log and 'img/s' in log and 'eta' in log and 'data' in log
     assert 'Epoch 1 done' in log and 'ema loss' in log
 
-    # args.yaml is a config that reproduces the run's options.
+    # args.yaml is a config that reproduces the run's options; the positional root comes back as data_dir.
     again = parse_train_args(['-c', str(run / 'args.yaml')])
     saved = yaml.safe_load((run / 'args.yaml').read_text())
-    assert {k: v for k, v in vars(again).items() if k not in CONFIG_IGNORED_KEYS} == {
-        k: v for k, v in saved.items() if k not in CONFIG_IGNORED_KEYS}
+    assert saved['data'] == saved['data_dir'] == str(data) and again.data is None
+    run_records = ('config', 'data')
+    assert {k: v for k, v in vars(again).items() if k not in run_records} == {
+        k: v for k, v in saved.items() if k not in run_records}
 
 
 def test_accumulation_bfloat16_and_channels_last_on_cpu(tmp_path, capsys):
@@ -122,6 +124,27 @@ def test_a_run_made_from_args_yaml_takes_the_new_data_root_and_does_not_resume(t
     with pytest.raises(SystemExit):
         parse_train_args(['/one', '--data-dir', '/two'])
     assert 'the data root is given twice, as /one and as --data-dir /two' in capsys.readouterr().err
+    # The two command-line spellings are compared with each other, not with the config's value.
+    with pytest.raises(SystemExit):
+        parse_train_args(['-c', str(config), '--data-dir', '/old', '/new'])
+    assert 'the data root is given twice, as /new and as --data-dir /old' in capsys.readouterr().err
+
+
+def test_a_hand_written_config_gives_the_data_root_and_warns_that_it_does_not_resume(tmp_path, capsys):
+    config = tmp_path / 'mine.yaml'
+    config.write_text('data: /datasets/imagenet\nresume: /runs/a/last.pth.tar\n')
+    args = parse_train_args(['-c', str(config)])
+    assert args.data_dir == '/datasets/imagenet' and args.resume == ''
+    warning = capsys.readouterr().err
+    assert f'warning: config {config} has resume: /runs/a/last.pth.tar, but configs do not resume runs' in warning
+    assert 'give --resume /runs/a/last.pth.tar on the command line' in warning
+    assert parse_train_args(['-c', str(config), '--resume', '/runs/a/last.pth.tar']).resume == '/runs/a/last.pth.tar'
+    assert 'warning' not in capsys.readouterr().err
+
+    config.write_text('data: /a\ndata_dir: /b\n')
+    with pytest.raises(SystemExit):
+        parse_train_args(['-c', str(config)])
+    assert f'config {config} gives the data root twice, as data: /a and as data_dir: /b' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('text, message', [

@@ -3,12 +3,13 @@
 Precedence: built-in defaults < config file < command line. A config key is an option's name with
 dashes or underscores (`drop_path: 0.1`, `model-ema: true`); an unknown key is an error, and string
 values are converted with the option's type (YAML reads `2e-3` as a string). The run's `args.yaml`
-is itself a valid config; the keys in it that record where that one run came from (the positional
-data root, --resume) are not read back, so a run made from it starts afresh on `data_dir`.
+is itself a valid config. A config's `data` (the positional root) is read as `data_dir` when it has
+none; its `resume` is not read (only a --resume on the command line continues a run), with a warning.
 """
 import argparse
 import os
-from typing import Any, Dict, List, Optional
+import sys
+from typing import Any, Dict, List, Optional, Tuple
 
 import timm
 import yaml
@@ -21,9 +22,12 @@ class OptionError(ValueError):
     """Options that cannot work together or with this machine; the message says what to change."""
 
 
-# Keys of args.yaml that record the run rather than its recipe: `data` is the positional root, kept in
-# `data_dir` too (which --data-dir overrides), and a recipe that resumed would make every run continue one.
-CONFIG_IGNORED_KEYS = ('config', 'data', 'resume')
+# args.yaml names the config its run was made from; a config does not chain to another.
+CONFIG_IGNORED_KEYS = ('config',)
+# Config keys that do not become defaults: the data root may come from the command line in two spellings
+# (DIR, --data-dir), which are compared with each other, not with the config's; and a config that resumed
+# would make every run made from it continue one run.
+CONFIG_HELD_BACK_KEYS = ('data', 'data_dir', 'resume')
 
 
 def plain(value: Any) -> Any:
@@ -125,16 +129,42 @@ def config_defaults(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any
     return defaults
 
 
-def parse_with_config(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Parse `argv` with defaults from the file that `-c/--config` names, if any."""
+def parse_with_config(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None,
+                      held_back: Tuple[str, ...] = ()) -> Tuple[argparse.Namespace, Dict[str, Any]]:
+    """Parse `argv` with defaults from the file that `-c/--config` names, if any.
+
+    The config's values of the `held_back` options are not made defaults: they are returned, for the
+    caller to weigh against what the command line gave."""
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument('-c', '--config', default='')
     known, remaining = config_parser.parse_known_args(argv)
-    if known.config:
-        parser.set_defaults(**config_defaults(parser, known.config))
+    defaults = config_defaults(parser, known.config) if known.config else {}
+    held = {dest: defaults.pop(dest) for dest in held_back if dest in defaults}
+    parser.set_defaults(**defaults)
     args = parser.parse_args(remaining)
     args.config = known.config
-    return args
+    return args, held
+
+
+def resolve_data_root(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Dict[str, Any]) -> str:
+    """The data root: DIR or --data-dir from the command line (given twice, they must agree), else the
+    config's `data_dir`, else its `data` (args.yaml records both, with the same value)."""
+    if args.data and args.data_dir and args.data != args.data_dir:
+        parser.error(f'the data root is given twice, as {args.data} and as --data-dir {args.data_dir}; give it once.')
+    from_config, positional = config.get('data_dir'), config.get('data')
+    if from_config and positional and from_config != positional:
+        parser.error(f'config {args.config} gives the data root twice, as data: {positional} and as data_dir: '
+                     f'{from_config}; keep one of the two keys.')
+    return args.data or args.data_dir or from_config or positional or ''
+
+
+def warn_of_config_resume(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Dict[str, Any]):
+    """A config's `resume` (args.yaml of a resumed run records one) does not continue that run; say so
+    unless the command line resumes."""
+    if config.get('resume') and not args.resume:
+        print(f'{parser.prog}: warning: config {args.config} has resume: {config["resume"]}, but configs do not '
+              f'resume runs, so this run starts afresh. To continue that run, give --resume {config["resume"]} '
+              f'on the command line.', file=sys.stderr)
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -302,11 +332,9 @@ def _option_name(parser: argparse.ArgumentParser, dest: str) -> str:
 
 def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = train_parser()
-    args = parse_with_config(parser, argv)
-    data_dir_given = args.data_dir != parser.get_default('data_dir')  # on the command line, not by the config
-    if args.data and data_dir_given and args.data != args.data_dir:
-        parser.error(f'the data root is given twice, as {args.data} and as --data-dir {args.data_dir}; give it once.')
-    args.data_dir = args.data or args.data_dir
+    args, config = parse_with_config(parser, argv, CONFIG_HELD_BACK_KEYS)
+    args.data_dir = resolve_data_root(parser, args, config)
+    warn_of_config_resume(parser, args, config)
     for dest, least, meaning in INTEGER_MINIMUMS:
         value = getattr(args, dest)
         if value is not None and value < least:
