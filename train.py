@@ -20,7 +20,7 @@ from timm.data import Mixup
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-from timm.utils import ModelEmaV3, distribute_bn, random_seed, trim_summary
+from timm.utils import ModelEmaV3, distribute_bn, random_seed
 from torch.nn.parallel import DistributedDataParallel
 
 import models
@@ -37,7 +37,7 @@ from utils.distributed import barrier, from_primary, init_runtime, run_script
 from utils.engine import NonFiniteLossError, TrainSettings, evaluate, train_one_epoch, updates_per_epoch
 from utils.outputs import (
     LOG_FILE, SUMMARY_FILE, WandbLogger, append_summary, format_metrics, run_folder, run_folder_conflict,
-    setup_logging, summary_row,
+    setup_logging, summary_row, supersede_summary_rows,
 )
 
 _logger = logging.getLogger('train')
@@ -195,7 +195,7 @@ def train(args):
         keeper = CheckpointKeeper(output_dir, args.checkpoint_hist, decreasing=args.eval_metric == 'loss')
         if start_epoch > 0:
             keeper.restore(start_epoch - 1)
-            trim_summary(summary_path, start_epoch)
+            supersede_summary_rows(summary_path, start_epoch)
         wandb_logger = WandbLogger(args.log_wandb, plain_args(args), output_dir)
     ranked_by = f'{"EMA" if args.best_from_ema else "eval"} {args.eval_metric}'
     global_batch = args.batch_size * runtime.world_size * args.grad_accum_steps

@@ -1,6 +1,7 @@
 """train.py and distributed_train.sh on CPU: tiny PosMLPs on generated image folders, a few steps each."""
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import validate
 from models import CheckpointError
 from utils.args import parse_train_args
 from utils.checkpointing import CheckpointKeeper, resume_training, training_state
-from utils.outputs import append_summary
+from utils.outputs import append_summary, supersede_summary_rows
 
 FAST = ['-b', '4', '-j', '0', '--threads', '1', '--warmup-epochs', '0', '--cooldown-epochs', '0', '--log-interval', '1']
 SUMMARY_COLUMNS = ['epoch', 'lr', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5']
@@ -323,6 +324,41 @@ def test_summary_takes_new_columns_by_rewriting_the_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ['summary.csv']
 
 
+def test_resume_keeps_the_summary_rows_it_redoes_in_superseded(tmp_path, monkeypatch, caplog):
+    path = tmp_path / 'summary.csv'
+    for epoch in range(4):
+        append_summary(str(path), {'epoch': epoch, 'eval_top1': 10. * epoch})
+    whole = path.read_bytes()
+    supersede_summary_rows(str(path), 4)  # no row of a redone epoch: nothing to keep aside
+    assert path.read_bytes() == whole and not (tmp_path / 'superseded').exists()
+
+    # The trimmed file replaces the old one by a rename only, so a failure leaves the old one whole.
+    real_replace = os.replace
+
+    def replace_all_but_the_summary(source, target):
+        if target == str(path):
+            raise OSError('disk full')
+        real_replace(source, target)
+    monkeypatch.setattr(os, 'replace', replace_all_but_the_summary)
+    with pytest.raises(OSError):
+        supersede_summary_rows(str(path), 2)
+    monkeypatch.undo()
+    assert path.read_bytes() == whole
+
+    supersede_summary_rows(str(path), 2)
+    assert [int(r['epoch']) for r in read_summary(tmp_path)[1]] == [0, 1]
+    superseded = tmp_path / 'superseded'
+    assert (superseded / 'summary.csv').read_bytes() == whole
+    assert '2 summary.csv row(s) of the epochs it redoes were dropped; the whole old file is kept as' in caplog.text
+    # A second rewind keeps the first one's copy (the failed attempt's copy is there too).
+    append_summary(str(path), {'epoch': 2, 'eval_top1': 50.})
+    supersede_summary_rows(str(path), 1)
+    assert [int(r['epoch']) for r in read_summary(tmp_path)[1]] == [0]
+    assert sorted(p.name for p in superseded.iterdir()) == ['summary-2.csv', 'summary-3.csv', 'summary.csv']
+    assert (superseded / 'summary-3.csv').read_text().splitlines()[1:] == ['0,0.0', '1,10.0', '2,50.0']
+    assert not list(tmp_path.rglob('*.tmp'))
+
+
 def test_keeper_ranks_history_and_survives_a_failed_write(tmp_path, monkeypatch):
     model, optimizer, scheduler, scaler, ema = _training_objects(0)
     keeper = CheckpointKeeper(str(tmp_path), history=2)
@@ -384,6 +420,19 @@ def test_restore_moves_the_files_of_later_epochs_aside_and_remakes_model_best(tm
     assert 'checkpoint-2.pth.tar (as checkpoint-2-2.pth.tar)' in caplog.text
     assert {'checkpoint-2-2.pth.tar', 'model_best-2.pth.tar', 'last-2.pth.tar'} <= {p.name for p in superseded.iterdir()}
     assert load_checkpoint(superseded / 'model_best-2.pth.tar')['metric'] == 50.
+
+
+def test_resuming_from_an_earlier_epoch_sets_its_later_files_and_rows_aside(tmp_path):
+    data = make_image_folder(tmp_path / 'data', per_class=2)
+    out, run = tmp_path / 'out', tmp_path / 'out' / 'rewind'
+    assert train_in_process(data, out, 'rewind', '--epochs', '2', '--checkpoint-hist', '2') == 0
+    first_summary = (run / 'summary.csv').read_bytes()
+    assert train_in_process(data, out, 'rewind', '--epochs', '2', '--checkpoint-hist', '2',
+                            '--resume', str(run / 'checkpoint-0.pth.tar')) == 0
+    superseded = run / 'superseded'
+    assert {'checkpoint-1.pth.tar', 'last.pth.tar', 'summary.csv'} <= {p.name for p in superseded.iterdir()}
+    assert (superseded / 'summary.csv').read_bytes() == first_summary
+    assert [int(r['epoch']) for r in read_summary(run)[1]] == [0, 1]
 
 
 def test_killed_run_resumes_where_its_last_checkpoint_left_off(tmp_path):

@@ -4,7 +4,8 @@ Every epoch writes `checkpoint-<epoch>.pth.tar` while it ranks among the best `h
 `model_best.pth.tar` when it is the best so far, and `last.pth.tar`, in that order and each through
 `models.save_checkpoint_file` (temporary file + rename): a crash at any point leaves every file
 whole, and `last.pth.tar` is never ahead of the others. A resumed run moves the files of epochs
-after the one it resumes from into `superseded/`, since it redoes those epochs.
+after the one it resumes from into `superseded/`, since it redoes those epochs (a copy of the
+whole summary.csv goes there too, see `utils.outputs.supersede_summary_rows`).
 """
 import logging
 import os
@@ -43,6 +44,19 @@ def training_state(epoch: int, model_name: str, model_kwargs: dict, model, optim
     if model_ema is not None:
         state['state_dict_ema'] = get_state_dict(model_ema.module, unwrap_model)
     return state
+
+
+def superseded_path(output_dir: str, name: str) -> str:
+    """A free path for `name` in `output_dir`/superseded/: NAME, else NAME-2, NAME-3, ... (before the
+    extension), so what several resumes over the same epochs set aside is all kept."""
+    folder = os.path.join(output_dir, SUPERSEDED)
+    os.makedirs(folder, exist_ok=True)
+    stem, dot, extension = name.partition('.')
+    target, copy = name, 1
+    while os.path.exists(os.path.join(folder, target)):
+        copy += 1
+        target = f'{stem}-{copy}{dot}{extension}'
+    return os.path.join(folder, target)
 
 
 class CheckpointKeeper:
@@ -106,16 +120,11 @@ class CheckpointKeeper:
                 _logger.warning(f'{self.path(BEST)} re-created from {source}, the best epoch kept.')
 
     def _supersede(self, name: str) -> str:
-        """Move `name` into superseded/ (as NAME-2, NAME-3, ... when taken); returns what was moved where."""
-        folder = self.path(SUPERSEDED)
-        os.makedirs(folder, exist_ok=True)
-        stem = name[:-len('.pth.tar')]
-        target, copy = name, 1
-        while os.path.exists(os.path.join(folder, target)):
-            copy += 1
-            target = f'{stem}-{copy}.pth.tar'
-        os.rename(self.path(name), os.path.join(folder, target))
-        return name if target == name else f'{name} (as {target})'
+        """Move `name` into superseded/; returns what was moved where."""
+        target = superseded_path(self.output_dir, name)
+        os.rename(self.path(name), target)
+        moved = os.path.basename(target)
+        return name if moved == name else f'{name} (as {moved})'
 
     def save(self, state: Dict[str, Any]) -> bool:
         """Write the epoch's files; True when it is the new best."""

@@ -2,12 +2,15 @@
 import csv
 import datetime
 import fnmatch
+import io
 import logging
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from timm.utils import FormatterNoInfo
+
+from .checkpointing import superseded_path
 
 _logger = logging.getLogger(__name__)
 
@@ -75,27 +78,61 @@ def summary_row(epoch: int, lr: float, train: dict, evaluation: dict, ema: Optio
     return row
 
 
+def write_atomically(path: str, text: str):
+    """Write `text` to a temporary file, then rename it over `path`: a crash leaves the old file or the new one."""
+    partial = path + '.tmp'
+    with open(partial, 'w', newline='') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+
+
+def _read_text(path: str) -> str:
+    if not os.path.exists(path):
+        return ''
+    with open(path, newline='') as f:
+        return f.read()
+
+
+def _parse_summary(text: str) -> Tuple[List[str], List[dict]]:
+    reader = csv.DictReader(io.StringIO(text, newline=''))
+    return list(reader.fieldnames or []), list(reader)
+
+
+def _summary_text(columns: List[str], rows: List[dict]) -> str:
+    text = io.StringIO(newline='')
+    writer = csv.DictWriter(text, fieldnames=columns, restval='')
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
 def append_summary(path: str, row: dict):
     """Append an epoch's row. A row with columns the file lacks (EMA turned on at resume) rewrites the file,
     atomically, with the union of the columns; the cells a row has no value for stay empty."""
-    columns, rows = [], []
-    if os.path.exists(path) and os.path.getsize(path) > 0:
-        with open(path, newline='') as f:
-            reader = csv.DictReader(f)
-            columns, rows = list(reader.fieldnames or []), list(reader)
+    columns, rows = _parse_summary(_read_text(path))
     if columns and set(row) <= set(columns):
         with open(path, 'a', newline='') as f:
             csv.DictWriter(f, fieldnames=columns, restval='').writerow(row)
         return
     columns += [name for name in row if name not in columns]
-    partial = path + '.tmp'
-    with open(partial, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval='')
-        writer.writeheader()
-        writer.writerows(rows + [row])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
+    write_atomically(path, _summary_text(columns, rows + [row]))
+
+
+def supersede_summary_rows(path: str, start_epoch: int):
+    """Drop the rows of the epochs from `start_epoch` on, which a resumed run redoes. The whole old file is
+    first kept in superseded/, beside those epochs' checkpoints; both files are written atomically."""
+    old = _read_text(path)
+    columns, rows = _parse_summary(old)
+    kept = [row for row in rows if int(float(row['epoch'])) < start_epoch]
+    if len(kept) == len(rows):
+        return
+    copy = superseded_path(os.path.dirname(path), os.path.basename(path))
+    write_atomically(copy, old)
+    write_atomically(path, _summary_text(columns, kept))
+    _logger.warning(f'Resuming with epoch {start_epoch}: {len(rows) - len(kept)} {os.path.basename(path)} row(s) '
+                    f'of the epochs it redoes were dropped; the whole old file is kept as {copy}.')
 
 
 def format_metrics(metrics: dict) -> str:
