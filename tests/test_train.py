@@ -22,7 +22,7 @@ import validate
 from models import CheckpointError
 from utils.args import parse_train_args
 from utils.checkpointing import CheckpointKeeper, resume_training, training_state
-from utils.outputs import append_summary, supersede_summary_rows
+from utils.outputs import append_summary, run_folder_conflict, supersede_summary_rows
 
 FAST = ['-b', '4', '-j', '0', '--threads', '1', '--warmup-epochs', '0', '--cooldown-epochs', '0', '--log-interval', '1']
 SUMMARY_COLUMNS = ['epoch', 'lr', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5']
@@ -274,6 +274,19 @@ def test_a_run_refuses_a_folder_that_holds_another_run(tmp_path, capsys):
     assert train_in_process(data, out, 'run', '--epochs', '2', '--resume', str(out / 'other' / 'last.pth.tar')) == 1
     assert f'{run} holds another run' in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_a_refused_folder_names_the_checkpoint_to_resume_from_or_that_there_is_none(tmp_path):
+    (tmp_path / 'summary.csv').write_text('epoch,lr\n0,0.1\n')  # stopped in epoch 0 after its summary row
+    message = run_folder_conflict(str(tmp_path), '')
+    assert 'but no checkpoint to resume it from' in message and '--resume' not in message
+    assert 'Move or rename that folder, or pass another --experiment' in message
+    # last.pth.tar moved to superseded/: the latest epoch kept, by number (12 after 3).
+    for epoch in (3, 12):
+        (tmp_path / f'checkpoint-{epoch}.pth.tar').write_bytes(b'')
+    assert f'pass --resume {tmp_path / "checkpoint-12.pth.tar"};' in run_folder_conflict(str(tmp_path), '')
+    (tmp_path / 'last.pth.tar').write_bytes(b'')
+    assert f'pass --resume {tmp_path / "last.pth.tar"};' in run_folder_conflict(str(tmp_path), '')
 
 
 def _training_objects(seed):

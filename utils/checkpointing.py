@@ -46,6 +46,16 @@ def training_state(epoch: int, model_name: str, model_kwargs: dict, model, optim
     return state
 
 
+def newest_checkpoint(folder: str) -> Optional[str]:
+    """The checkpoint a run in `folder` resumes from: last.pth.tar, else the latest epoch's checkpoint-N.pth.tar
+    (last.pth.tar is missing when a run was stopped in its first epoch after writing the summary, or moved to
+    superseded/ by a resume stopped before its first epoch ended); None when there is neither."""
+    if os.path.isfile(os.path.join(folder, LAST)):
+        return os.path.join(folder, LAST)
+    epochs = [int(match.group(1)) for match in map(HISTORY_PATTERN.fullmatch, os.listdir(folder)) if match]
+    return os.path.join(folder, f'checkpoint-{max(epochs)}.pth.tar') if epochs else None
+
+
 def superseded_path(output_dir: str, name: str) -> str:
     """A free path for `name` in `output_dir`/superseded/: NAME, else NAME-2, NAME-3, ... (before the
     extension), so what several resumes over the same epochs set aside is all kept."""

@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple
 
 from timm.utils import FormatterNoInfo
 
-from .checkpointing import superseded_path
+from .checkpointing import newest_checkpoint, superseded_path
 
 _logger = logging.getLogger(__name__)
 
@@ -46,9 +46,13 @@ def run_folder_conflict(folder: str, resume: str) -> Optional[str]:
         return None
     listing = ', '.join(found[:5]) + (f' and {len(found) - 5} more' if len(found) > 5 else '')
     if not resume:
+        checkpoint = newest_checkpoint(folder)
+        if checkpoint is None:
+            return (f'{folder} already holds a run ({listing}), but no checkpoint to resume it from (no last.pth.tar '
+                    f'or checkpoint-N.pth.tar); a new run would overwrite it. Move or rename that folder, or pass '
+                    f'another --experiment.')
         return (f'{folder} already holds a run ({listing}); a new run would overwrite it. To continue that run, '
-                f'pass --resume {os.path.join(folder, "last.pth.tar")}; to start a new one, pass another '
-                f'--experiment.')
+                f'pass --resume {checkpoint}; to start a new one, pass another --experiment.')
     if os.path.realpath(os.path.dirname(os.path.abspath(resume))) == os.path.realpath(folder):
         return None
     return (f'{folder} holds another run ({listing}) than the one --resume {resume} continues, and the two '
