@@ -1,11 +1,13 @@
 """train.py and distributed_train.sh on CPU: tiny PosMLPs on generated image folders, a few steps each."""
 import csv
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -21,7 +23,9 @@ import train
 import validate
 from models import CheckpointError
 from utils.args import parse_train_args
+from utils import engine
 from utils.checkpointing import CheckpointKeeper, resume_training, training_state
+from utils.distributed import Runtime
 from utils.outputs import append_summary, run_folder_conflict, supersede_summary_rows
 
 FAST = ['-b', '4', '-j', '0', '--threads', '1', '--warmup-epochs', '0', '--cooldown-epochs', '0', '--log-interval', '1']
@@ -229,6 +233,22 @@ def test_unreadable_images_are_skipped_counted_and_bounded(tmp_path, capsys):
     (data / 'train' / 'b' / 'b_0.png').write_bytes(b'')
     assert train_in_process(data, tmp_path / 'out', 'two_bad', '--epochs', '1', '--max-bad-images', '1') == 1
     assert '2 images could not be read, more than the 1 allowed' in capsys.readouterr().out
+
+
+def test_the_unreadable_image_check_is_not_counted_as_data_time(monkeypatch, caplog):
+    clock = SimpleNamespace(now=0.)
+    monkeypatch.setattr(engine, 'time', SimpleNamespace(time=lambda: clock.now))
+
+    def slow_check(dataset, runtime):
+        clock.now += 100.
+    monkeypatch.setattr(engine, 'check_unreadable', slow_check)
+    model = torch.nn.Linear(4, 2)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 4), torch.tensor([0, 1] * 2)),
+                                         batch_size=2)
+    caplog.set_level(logging.INFO, logger=engine.__name__)
+    engine.train_one_epoch(0, model, loader, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
+                           Runtime(torch.device('cpu')), engine.TrainSettings(steps=2, log_interval=1))
+    assert caplog.text.count('data 0.000s') == 2
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):

@@ -304,7 +304,9 @@ def train_parser() -> argparse.ArgumentParser:
     group.add_argument('--dist-backend', default=None,
                        help='torch.distributed backend (default: nccl on GPUs, gloo on CPU)')
     group.add_argument('--seed', type=int, default=42, help='random seed (offset by the rank)')
-    group.add_argument('--log-interval', type=int, default=50, help='batches between progress lines')
+    group.add_argument('--log-interval', type=int, default=50,
+                       help='batches between progress lines and, with several processes, between counts of '
+                            'unreadable images over all of them')
     group.add_argument('--checkpoint-hist', type=int, default=10, help='best epoch checkpoints to keep')
     group.add_argument('--output', default='', metavar='DIR',
                        help='parent folder of run folders (default: ./output/train)')

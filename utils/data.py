@@ -103,10 +103,11 @@ class UnreadableImageSkipper(Dataset):
 
     def merge_over_processes(self, runtime: Runtime) -> int:
         """Flag here the images any process found unreadable; returns their number, the same in every process."""
+        if not runtime.distributed:  # the local flags are the answer: no copy to the device, no collective
+            return self.num_bad
         flags = torch.frombuffer(self._is_bad, dtype=torch.int8)
         merged = flags.to(runtime.device, copy=True)
-        if runtime.distributed:
-            dist.all_reduce(merged, op=dist.ReduceOp.MAX)
+        dist.all_reduce(merged, op=dist.ReduceOp.MAX)
         merged = merged.cpu()
         with self._num_bad.get_lock():
             torch.maximum(flags, merged, out=flags)

@@ -33,6 +33,8 @@ class TrainSettings:
     clip_grad: Optional[float] = None
     clip_mode: str = 'norm'
     channels_last: bool = False
+    # Batches between progress lines, and between counts of unreadable images over processes (a collective
+    # of one byte per image under torchrun); the count is also taken at the end of the epoch.
     log_interval: int = 50
     autocast: Callable[[], ContextManager] = contextlib.nullcontext
     loss_scaler: Optional[object] = None
@@ -74,12 +76,13 @@ def train_one_epoch(epoch: int, model, loader, optimizer, loss_fn, runtime: Runt
     for step, (images, targets) in enumerate(loader):
         if step >= steps:
             break
-        if step % settings.log_interval == 0:  # every process is at this step: the check is collective
-            check_unreadable(loader.dataset, runtime)
         images, targets = _to_device(images, targets, runtime, settings.channels_last)
         if settings.mixup is not None:
             images, targets = settings.mixup(images, targets)
         data_time.update(time.time() - end)
+        # Every process is at this step, so the check may be collective; after data_time, which it is not.
+        if step % settings.log_interval == 0:
+            check_unreadable(loader.dataset, runtime)
 
         group_start = step - step % accum
         group_size = min(accum, steps - group_start)
