@@ -24,7 +24,7 @@ from timm.utils import ParseKwargs
 import models
 from models import CheckpointError
 from utils.amp import resolve_precision
-from utils.args import OptionError
+from utils.args import OptionError, check_integer_minimums
 from utils.data import (
     DataError, build_loader, create_eval_transform, create_split_dataset, evaluation_folder, num_classes_of,
     resolve_input_config, unreadable_count,
@@ -171,9 +171,7 @@ def main(argv=None) -> int:
         parser.error(f'the data folder is given twice, as {args.data} and --data-dir {args.data_dir}; give it once.')
     if not (args.data or args.data_dir or args.dataset):
         parser.error('give the data folder to evaluate on (DIR or --data-dir).')
-    for name, minimum in (('batch_size', 1), ('workers', 0), ('log_interval', 1)):
-        if getattr(args, name) < minimum:
-            parser.error(f'--{name.replace("_", "-")} must be at least {minimum}, not {getattr(args, name)}.')
+    check_integer_minimums(parser, args)
     return run_script(validate, args, (DataError, CheckpointError, OptionError), _logger)
 
 

@@ -175,7 +175,8 @@ def test_bad_config_is_named(tmp_path, capsys, text, message):
 @pytest.mark.parametrize('option, message', [
     (['--log-interval', '0'], '--log-interval must be 1 or more, not 0.'),
     (['-b', '0'], '-b/--batch-size must be 1 or more, not 0.'),
-    (['-j', '-1'], '-j/--workers must be 0 or more, not -1; 0 loads the data in the training process.'),
+    (['-j', '-1'], '-j/--workers must be 0 or more, not -1; 0 loads the data in the main process.'),
+    (['--max-bad-images', '-1'], '--max-bad-images must be 0 or more, not -1; 0 stops at the first unreadable image.'),
 ])
 def test_bad_numbers_are_named(capsys, option, message):
     with pytest.raises(SystemExit):

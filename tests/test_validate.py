@@ -215,9 +215,11 @@ def test_bad_input_is_named(tmp_path, capsys, case, message):
 @pytest.mark.parametrize('argv, message', [
     (['a', '--data-dir', 'b'], 'given twice, as a and --data-dir b'),
     ([], 'give the data folder'),
-    (['a', '-b', '0'], '--batch-size must be at least 1, not 0'),
-    (['a', '-j', '-1'], '--workers must be at least 0, not -1'),
-    (['a', '--log-interval', '0'], '--log-interval must be at least 1, not 0'),
+    (['a', '-b', '0'], '-b/--batch-size must be 1 or more, not 0.'),
+    (['a', '-j', '-1'], '-j/--workers must be 0 or more, not -1; 0 loads the data in the main process.'),
+    (['a', '--log-interval', '0'], '--log-interval must be 1 or more, not 0.'),
+    (['a', '--max-bad-images', '-1'], '--max-bad-images must be 0 or more, not -1; 0 stops at the first'),
+    (['a', '--threads', '-2'], "--threads must be 0 or more, not -2; 0 uses torch's default."),
 ])
 def test_bad_options_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):

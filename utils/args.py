@@ -319,17 +319,24 @@ def train_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Integer options whose smaller values make no sense: the least value, and what it means where that helps.
-INTEGER_MINIMUMS = (
-    ('batch_size', 1, ''), ('validation_batch_size', 1, ''), ('grad_accum_steps', 1, ''),
-    ('workers', 0, '; 0 loads the data in the training process'), ('threads', 0, "; 0 uses torch's default"),
-    ('epochs', 1, ''), ('warmup_epochs', 0, ''), ('cooldown_epochs', 0, ''), ('log_interval', 1, ''),
-    ('checkpoint_hist', 0, '; 0 keeps no epoch checkpoints'), ('max_steps_per_epoch', 0, '; 0 runs whole epochs'),
-)
+# Integer options of train.py and validate.py whose smaller values make no sense: the least value, and what
+# it means where that helps.
+INTEGER_MINIMUMS = {
+    'batch_size': (1, ''), 'validation_batch_size': (1, ''), 'grad_accum_steps': (1, ''),
+    'workers': (0, '; 0 loads the data in the main process'), 'threads': (0, "; 0 uses torch's default"),
+    'epochs': (1, ''), 'warmup_epochs': (0, ''), 'cooldown_epochs': (0, ''), 'log_interval': (1, ''),
+    'checkpoint_hist': (0, '; 0 keeps no epoch checkpoints'), 'max_steps_per_epoch': (0, '; 0 runs whole epochs'),
+    'max_bad_images': (0, '; 0 stops at the first unreadable image'),
+}
 
 
-def _option_name(parser: argparse.ArgumentParser, dest: str) -> str:
-    return next('/'.join(a.option_strings) for a in parser._actions if a.dest == dest)
+def check_integer_minimums(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """Stop with the option named when one of `parser`'s INTEGER_MINIMUMS options is below its least value."""
+    for action in parser._actions:
+        least, meaning = INTEGER_MINIMUMS.get(action.dest, (None, ''))
+        value = getattr(args, action.dest, None)
+        if least is not None and value is not None and value < least:
+            parser.error(f'{"/".join(action.option_strings)} must be {least} or more, not {value}{meaning}.')
 
 
 def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -337,10 +344,7 @@ def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args, config = parse_with_config(parser, argv, CONFIG_HELD_BACK_KEYS)
     args.data_dir = resolve_data_root(parser, args, config)
     warn_of_config_resume(parser, args, config)
-    for dest, least, meaning in INTEGER_MINIMUMS:
-        value = getattr(args, dest)
-        if value is not None and value < least:
-            parser.error(f'{_option_name(parser, dest)} must be {least} or more, not {value}{meaning}.')
+    check_integer_minimums(parser, args)
     mixing = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     if mixing and args.batch_size % 2:
         parser.error(f'mixup/cutmix mix each batch with its mirror, so -b/--batch-size must be even, '
