@@ -200,8 +200,7 @@ def train(args):
     ranked_by = f'{"EMA" if args.best_from_ema else "eval"} {args.eval_metric}'
     global_batch = args.batch_size * runtime.world_size * args.grad_accum_steps
     _logger.info(f'Global batch {global_batch} = {args.batch_size} per process x {runtime.world_size} process(es) x '
-                 f'{args.grad_accum_steps} accumulated, at lr {args.lr:g}. The configs\' lr goes with their batch on '
-                 f'8 processes (1024 for posmlp_t); it is not rescaled for another global batch.')
+                 f'{args.grad_accum_steps} accumulated; lr {args.lr:g} as given, not rescaled for the global batch.')
     _logger.info(f'Precision: {precision.description}. Epochs {start_epoch}..{num_epochs - 1}, {steps} steps '
                  f'and {updates} updates each; checkpoints ranked by {ranked_by}.')
 

@@ -102,7 +102,9 @@ def test_accumulation_bfloat16_and_channels_last_on_cpu(tmp_path, capsys):
                             '--model-ema', '--log-wandb') == 0
     out = capsys.readouterr().out
     assert 'native AMP (bfloat16)' in out and '4 steps and 2 updates each' in out
-    assert 'Global batch 12 = 4 per process x 1 process(es) x 3 accumulated, at lr 0.002.' in out
+    assert ('Global batch 12 = 4 per process x 1 process(es) x 3 accumulated; lr 0.002 as given, not rescaled for '
+            'the global batch.') in out
+    assert '1024 for' not in out and '8 processes' not in out  # no recipe's numbers on a run of another
     assert out.count('WARNING') == 1 and 'wandb package is not installed' in out
     last = load_checkpoint(tmp_path / 'out' / 'options' / 'last.pth.tar')
     assert float(last['optimizer']['state'][0]['step']) == 2 and last['scaler'] is None
