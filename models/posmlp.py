@@ -690,7 +690,8 @@ class PosMLP(nn.Module):
 
     def no_weight_decay(self):
         """Nothing beyond timm's default (1-D parameters and biases): the authors' recipe decays the
-        positional parameters (GQPE centres/spreads, LRPE tables, token bias) like any weight."""
+        positional parameters (GQPE centres/spreads, LRPE tables, token bias) like any weight; only the
+        1-D spreads of generalized=False GQPE fall under the default exemption."""
         return set()
 
     def group_matcher(self, coarse: bool = False):
