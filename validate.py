@@ -24,7 +24,7 @@ from timm.utils import ParseKwargs
 import models
 from models import CheckpointError
 from utils.amp import resolve_precision
-from utils.args import OptionError, check_integer_minimums
+from utils.args import OptionError, check_integer_minimums, resolve_data_root
 from utils.data import (
     DataError, build_loader, create_eval_transform, create_split_dataset, evaluation_folder, num_classes_of,
     resolve_input_config, unreadable_count,
@@ -102,7 +102,7 @@ def validate(args) -> dict:
     runtime = init_runtime(args.device, threads=args.threads)
     setup_logging(None, runtime.is_primary)
 
-    data_dir = args.data or args.data_dir
+    data_dir = args.data_dir
     if args.dataset:
         dataset = create_split_dataset(args.dataset, data_dir, args.split, args.max_bad_images)
     else:
@@ -167,9 +167,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.results_file and not args.results_file.endswith(RESULT_FORMATS):
         parser.error(f'--results-file {args.results_file}: name it .csv or .json to choose the format.')
-    if args.data and args.data_dir and args.data != args.data_dir:
-        parser.error(f'the data folder is given twice, as {args.data} and --data-dir {args.data_dir}; give it once.')
-    if not (args.data or args.data_dir or args.dataset):
+    args.data_dir = resolve_data_root(parser, args, config={})
+    if not (args.data_dir or args.dataset):
         parser.error('give the data folder to evaluate on (DIR or --data-dir).')
     check_integer_minimums(parser, args)
     return run_script(validate, args, (DataError, CheckpointError, OptionError), _logger)

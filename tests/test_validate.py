@@ -213,7 +213,7 @@ def test_bad_input_is_named(tmp_path, capsys, case, message):
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['a', '--data-dir', 'b'], 'given twice, as a and --data-dir b'),
+    (['a', '--data-dir', 'b'], 'given twice, as a and as --data-dir b'),
     ([], 'give the data folder'),
     (['a', '-b', '0'], '-b/--batch-size must be 1 or more, not 0.'),
     (['a', '-j', '-1'], '-j/--workers must be 0 or more, not -1; 0 loads the data in the main process.'),

@@ -109,17 +109,16 @@ class CheckpointKeeper:
             if metric is not None:
                 entries.append((float(metric), epoch))
         self.kept = self._rank(entries)
-        for name in (BEST, LAST):
-            if os.path.isfile(self.path(name)):
-                epoch = models.load_checkpoint_file(self.path(name), mmap=True).get('epoch')
-                if epoch is not None and epoch > resumed_epoch:
-                    later.append(name)
+        tails = {name: models.load_checkpoint_file(self.path(name), mmap=True)
+                 for name in (BEST, LAST) if os.path.isfile(self.path(name))}
+        later += [name for name, state in tails.items()
+                  if state.get('epoch') is not None and state['epoch'] > resumed_epoch]
         if later:
             moved = [self._supersede(name) for name in later]
             _logger.warning(f'Resuming after epoch {resumed_epoch}: files of the later epochs this run redoes were '
                             f'moved to {self.path(SUPERSEDED)}/: ' + ', '.join(moved))
 
-        best = models.load_checkpoint_file(self.path(BEST), mmap=True) if os.path.isfile(self.path(BEST)) else {}
+        best = tails.get(BEST, {}) if BEST not in later else {}
         if best.get('metric') is not None and best.get('epoch') is not None:
             self.best = (float(best['metric']), int(best['epoch']))
         elif self.kept:
