@@ -155,6 +155,15 @@ def test_max_bad_images_with_a_timm_dataset_is_an_error(tmp_path, capsys):
     assert '--max-bad-images applies to image folders only' in out and 'Traceback' not in out
 
 
+def test_a_missing_torchvision_dataset_is_not_offered_a_download(tmp_path, capsys):
+    checkpoint = save_tiny_checkpoint(tmp_path / 'tiny.pth.tar')
+    argv = [str(tmp_path), '--dataset', 'torch/cifar10', '--checkpoint', str(checkpoint), '-j', '0']
+    assert validate.main(argv) == 1
+    out = capsys.readouterr().out
+    assert 'never downloads data' in out and 'Traceback' not in out
+    assert not any(tmp_path.glob('cifar*'))
+
+
 @pytest.mark.parametrize('batch_size', [4, 1])  # a batch with the image left out; a batch with no image
 def test_unreadable_image_is_left_out_of_the_results(tmp_path, capsys, batch_size):
     data = make_image_folder(tmp_path / 'data', per_class=2, splits=('val',))

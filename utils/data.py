@@ -176,7 +176,9 @@ def create_split_dataset(name: str, root: str, split: str, max_bad_images: Optio
         try:
             return create_dataset(name, root=root, split=split, is_training=split == 'train')
         except (OSError, RuntimeError, AssertionError, ValueError) as e:
-            raise DataError(f'cannot create dataset {name!r} (split {split!r}) from {root}: {e}') from None
+            hint = (' This project never downloads data (torchvision\'s "download=True" hint does not apply): put the '
+                    'files torchvision expects under that root first.' if name.startswith('torch/') else '')
+            raise DataError(f'cannot create dataset {name!r} (split {split!r}) from {root}: {e}{hint}') from None
     try:
         dataset = create_dataset('', root=root, search_split=False, class_map=class_map)
     except RuntimeError as e:  # timm: no images found
