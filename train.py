@@ -29,7 +29,7 @@ from utils.amp import resolve_precision
 from utils.args import OptionError, parse_train_args, plain_args, write_args_yaml
 from utils.checkpointing import CheckpointKeeper, resume_training, training_state
 from utils.data import (
-    DataError, build_loader, create_eval_transform, create_train_transform, create_training_datasets,
+    DataError, build_loader, class_to_idx, create_eval_transform, create_train_transform, create_training_datasets,
     resolve_input_config, resolve_num_classes, unreadable_count,
 )
 from utils.digits import prepare_digits
@@ -100,6 +100,7 @@ def train(args):
     train_set, val_set = create_training_datasets(
         dataset, args.data_dir, args.train_split, args.val_split, args.max_bad_images)
     num_classes = resolve_num_classes(train_set, args.num_classes)
+    training_classes = class_to_idx(train_set)  # saved in checkpoints: folder name -> label
 
     # Model, optionally starting from other weights (fine-tuning re-initialises a head of another size).
     model_kwargs = model_kwargs_from_args(args, num_classes)
@@ -234,7 +235,7 @@ def train(args):
             wandb_logger.log(row)
             is_best = keeper.save(training_state(
                 epoch, args.model, model_kwargs, model, optimizer, scheduler, precision.loss_scaler, model_ema,
-                plain_args(args), metric))
+                plain_args(args), metric, training_classes))
             bad = unreadable_count(train_set) + unreadable_count(val_set)
             _logger.info(
                 f'Epoch {epoch} done in {time.time() - epoch_start:.1f}s: train loss {train_metrics["loss"]:.4f} | '

@@ -81,6 +81,7 @@ def test_two_epochs_write_the_run_folder_and_plain_checkpoints(tmp_path, capsys)
     assert set(last) >= {'state_dict', 'state_dict_ema', 'optimizer', 'scheduler', 'scaler', 'metric'}
     assert not any(k.startswith('module.') for k in last['state_dict'])
     assert last['metric'] == float(rows[1]['eval_top1'])
+    assert last['class_to_idx'] == {'a': 0, 'b': 1, 'c': 2}  # validate.py labels a folder of fewer classes by it
 
     log = (run / 'train.log').read_text()
     assert 'Train: 1 [   4/4 (100%)]' in log and 'img/s' in log and 'eta' in log and 'data' in log

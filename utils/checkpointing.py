@@ -27,8 +27,12 @@ HISTORY_PATTERN = re.compile(r'checkpoint-(\d+)\.pth\.tar')
 
 
 def training_state(epoch: int, model_name: str, model_kwargs: dict, model, optimizer, scheduler, loss_scaler,
-                   model_ema, args: dict, metric: Optional[float]) -> Dict[str, Any]:
-    """The checkpoint of an epoch just finished, as plain data (loads with weights_only=True)."""
+                   model_ema, args: dict, metric: Optional[float],
+                   class_to_idx: Optional[dict] = None) -> Dict[str, Any]:
+    """The checkpoint of an epoch just finished, as plain data (loads with weights_only=True).
+
+    `class_to_idx` (class folder name -> label) lets evaluation label folders that hold fewer classes
+    than the head; datasets without class folders have none, and the key is left out."""
     state = dict(
         epoch=epoch,
         model_name=model_name,
@@ -41,6 +45,8 @@ def training_state(epoch: int, model_name: str, model_kwargs: dict, model, optim
         metric=metric,
         version=FORMAT_VERSION,
     )
+    if class_to_idx is not None:
+        state['class_to_idx'] = dict(class_to_idx)
     if model_ema is not None:
         state['state_dict_ema'] = get_state_dict(model_ema.module, unwrap_model)
     return state
