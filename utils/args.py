@@ -172,7 +172,8 @@ def train_parser() -> argparse.ArgumentParser:
         prog='train.py',
         description='Train PosMLP (or any timm model) on an image folder, on CPU, one GPU, or many with '
                     'torchrun (distributed_train.sh). Defaults follow the paper\'s PosMLP-T recipe except '
-                    'that EMA and AMP are opt-in; configs/posmlp_{t,s,b}.yaml hold the full recipes.',
+                    'that EMA and AMP are opt-in and there are no cooldown epochs; configs/posmlp_{t,s,b}.yaml '
+                    'hold the full recipes.',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('-c', '--config', default='', metavar='FILE',
                         help='YAML file of option defaults; command-line options override it')
@@ -248,7 +249,8 @@ def train_parser() -> argparse.ArgumentParser:
     group.add_argument('--warmup-lr', type=float, default=1e-5, help='learning rate at the start of warmup')
     group.add_argument('--warmup-prefix', action='store_true', help='warmup comes before --epochs, not within')
     group.add_argument('--min-lr', type=float, default=1e-6, help='lowest learning rate of the schedule')
-    group.add_argument('--cooldown-epochs', type=int, default=10, help='epochs at --min-lr after the schedule')
+    group.add_argument('--cooldown-epochs', type=int, default=0,
+                       help="epochs at --min-lr after the schedule (timm's default; PosMLP-T's recipe has 10)")
     group.add_argument('--decay-epochs', type=float, default=90, help='step schedule: epochs between decays')
     group.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270],
                        help='multistep schedule: epochs to decay at')
