@@ -23,3 +23,21 @@ def test_epochs_are_the_epochs_run_unless_a_recipe_adds_cooldown():
     for recipe in ('posmlp_s', 'posmlp_b'):
         assert scheduled_epochs(parse_train_args(['-c', str(CONFIGS / f'{recipe}.yaml'), 'data'])) == 300
     assert scheduled_epochs(parse_train_args(['-c', str(CONFIGS / 'quickstart.yaml')])) == 8
+
+
+def parse_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit):
+        parse_train_args(argv)
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize('value', ['-1', '-0.5', 'nan'])
+def test_negative_clip_grad_is_refused(capsys, value):
+    assert '--clip-grad must be 0 or more, not' in parse_error(capsys, ['data', '--clip-grad', value])
+
+
+def test_clip_grad_zero_or_none_turns_clipping_off(tmp_path):
+    assert parse_train_args(['data', '--clip-grad', '0']).clip_grad == 0
+    config = tmp_path / 'no_clip.yaml'
+    config.write_text('clip_grad: null\n')
+    assert parse_train_args(['-c', str(config), 'data']).clip_grad is None

@@ -237,7 +237,7 @@ def train_parser() -> argparse.ArgumentParser:
     group.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     group.add_argument('--weight-decay', type=float, default=0.067, help='weight decay')
     group.add_argument('--layer-decay', type=float, default=None, help='layer-wise lr decay')
-    group.add_argument('--clip-grad', type=float, default=1.0, help='gradient clipping threshold (none: 0)')
+    group.add_argument('--clip-grad', type=float, default=1.0, help='gradient clipping threshold, 0 or more (none: 0)')
     group.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'), help='gradient clipping mode')
 
     group = parser.add_argument_group('Learning-rate schedule')
@@ -347,6 +347,9 @@ def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.data_dir = resolve_data_root(parser, args, config)
     warn_of_config_resume(parser, args, config)
     check_integer_minimums(parser, args)
+    # A negative threshold flips the gradients' sign instead of bounding them (`not >=` also catches nan).
+    if args.clip_grad is not None and not args.clip_grad >= 0:
+        parser.error(f'--clip-grad must be 0 or more, not {args.clip_grad:g}; 0 turns clipping off.')
     mixing = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     if mixing and args.batch_size % 2:
         parser.error(f'mixup/cutmix mix each batch with its mirror, so -b/--batch-size must be even, '
