@@ -41,3 +41,19 @@ def test_clip_grad_zero_or_none_turns_clipping_off(tmp_path):
     config = tmp_path / 'no_clip.yaml'
     config.write_text('clip_grad: null\n')
     assert parse_train_args(['-c', str(config), 'data']).clip_grad is None
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--opt-betas', '0.9'], '--opt adamw takes 2 betas, not 1 (0.9); give --opt-betas 2 numbers.'),
+    (['--opt-betas', '0.9', '0.99', '0.999'], '--opt adamw takes 2 betas, not 3 (0.9 0.99 0.999)'),
+    (['--opt', 'lookahead_adan', '--opt-betas', '0.9', '0.99'], '--opt lookahead_adan takes 3 betas, not 2'),
+    (['--opt', 'sgd', '--opt-betas', '0.9', '0.99'], '--opt sgd takes no betas; leave --opt-betas out.'),
+])
+def test_opt_betas_must_match_the_optimizer(capsys, argv, message):
+    assert message in parse_error(capsys, ['data', *argv])
+
+
+def test_opt_betas_the_optimizer_takes_are_accepted():
+    assert parse_train_args(['data', '--opt-betas', '0.9', '0.95']).opt_betas == [0.9, 0.95]
+    assert parse_train_args(['data', '--opt', 'adan', '--opt-betas', '0.98', '0.92', '0.99']).opt_betas == [
+        0.98, 0.92, 0.99]

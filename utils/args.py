@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import timm
 import yaml
+from timm.optim import get_optimizer_info
 from timm.utils import ParseKwargs
 
 import models  # noqa: F401  (registers the PosMLP models with timm)
@@ -233,7 +234,9 @@ def train_parser() -> argparse.ArgumentParser:
     group.add_argument('--grad-accum-steps', type=int, default=1, help='batches per optimizer update')
     group.add_argument('--opt', default='adamw', help='timm optimizer name')
     group.add_argument('--opt-eps', type=float, default=1e-5, help='optimizer epsilon')
-    group.add_argument('--opt-betas', type=float, nargs='+', default=None, help='optimizer betas')
+    group.add_argument('--opt-betas', type=float, nargs='+', default=None, metavar='BETA',
+                       help="optimizer betas, as many as --opt takes: two for adam(w), lamb, ..., three for adan "
+                            "(default: the optimizer's)")
     group.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     group.add_argument('--weight-decay', type=float, default=0.067, help='weight decay')
     group.add_argument('--layer-decay', type=float, default=None, help='layer-wise lr decay')
@@ -341,6 +344,23 @@ def check_integer_minimums(parser: argparse.ArgumentParser, args: argparse.Names
             parser.error(f'{"/".join(action.option_strings)} must be {least} or more, not {value}{meaning}.')
 
 
+def check_opt_betas(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """Stop unless --opt-betas gives as many betas as --opt takes (timm would drop them, or fail on indexing)."""
+    if args.opt_betas is None:
+        return
+    try:
+        # timm names the optimizer by the last part of --opt: lookahead_adamw is adamw.
+        info = get_optimizer_info(args.opt.lower().split('_')[-1])
+    except ValueError:
+        return  # an unknown --opt is reported when the optimizer is made
+    if not info.has_betas:
+        parser.error(f'--opt {args.opt} takes no betas; leave --opt-betas out.')
+    if len(args.opt_betas) != info.num_betas:
+        given = ' '.join(f'{beta:g}' for beta in args.opt_betas)
+        parser.error(f'--opt {args.opt} takes {info.num_betas} betas, not {len(args.opt_betas)} ({given}); '
+                     f'give --opt-betas {info.num_betas} numbers.')
+
+
 def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = train_parser()
     args, config = parse_with_config(parser, argv, CONFIG_HELD_BACK_KEYS)
@@ -350,6 +370,7 @@ def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     # A negative threshold flips the gradients' sign instead of bounding them (`not >=` also catches nan).
     if args.clip_grad is not None and not args.clip_grad >= 0:
         parser.error(f'--clip-grad must be 0 or more, not {args.clip_grad:g}; 0 turns clipping off.')
+    check_opt_betas(parser, args)
     mixing = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     if mixing and args.batch_size % 2:
         parser.error(f'mixup/cutmix mix each batch with its mirror, so -b/--batch-size must be even, '
