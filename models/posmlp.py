@@ -105,6 +105,11 @@ def _observed(modules: Iterable[nn.Module]) -> bool:
     return any(getattr(m, name) for m in modules for name in _HOOK_DICTS)
 
 
+def _descendants(module: nn.Module) -> Iterable[nn.Module]:
+    """Every module below `module` (not itself: its own hooks run however it computes)."""
+    return (m for m in module.modules() if m is not module)
+
+
 def _graph_capture() -> bool:
     """Under torch.compile/export or torch.jit.trace, a graph of the model is being recorded: the eager-only
     shortcuts (cached maps, folded stem, the hand-written autograd Function) would be baked in or break it."""
@@ -297,6 +302,8 @@ class PoSGU(nn.Module):
             and not self.training
             and not torch.is_grad_enabled()
             and not _graph_capture()
+            # A hook on the encoder must run on every call, and must not leave its output cached.
+            and not _observed(self.pos.modules())
             # Tensors made under inference_mode keep no version counter.
             and not any(p.is_inference() for p in self.pos.parameters())
         )
@@ -452,7 +459,9 @@ class PosMLPBlock(nn.Module):
             type(self.norm) is nn.LayerNorm and type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear
             and _is_exact_gelu(self.act)
         )
-        return plain and not _observed(self.children())
+        # All descendants, not only children: the gate's positional encoder is called (or its maps
+        # taken from the cache) inside the fast form, bypassing its hooks.
+        return plain and not _observed(_descendants(self))
 
     def forward(self, x: torch.Tensor, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self._channel_major_applies():
@@ -492,7 +501,7 @@ class ConvStem(nn.Module):
         frozen_norms = all(
             type(norm) is nn.BatchNorm2d and not norm.training and norm.running_var is not None for norm in norms)
         plain = plain_convs and frozen_norms and _is_exact_gelu(self.act)
-        return plain and not _observed(self.children())
+        return plain and not _observed(_descendants(self))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._folding_applies():

@@ -290,3 +290,24 @@ def test_softmax_stays_float32_under_autocast(gate):
     assert out.dtype == torch.bfloat16
     assert map_dtypes and all(d == torch.float32 for d in map_dtypes)
     assert (out.float() - expected).abs().max() < 0.1 * expected.abs().max()
+
+
+@pytest.mark.parametrize('gate', ['gqpe', 'lrpe'])
+def test_hooks_on_the_positional_encoder_act_every_call_and_leave_nothing_cached(gate):
+    """gate.pos is a grandchild of the block, and its maps are cached for inference: a hook registered
+    after a cached forward must still act, and once removed, must leave no ablated maps behind."""
+    fast, reference = perturbed_pair(gate=gate)
+    fast.eval()
+    reference.eval()
+    x = torch.randn(2, 3, 64, 64)
+    ablated = {}
+    with torch.no_grad():
+        expected = fast(x)  # fills the cache
+        for name, model in (('fast', fast), ('reference', reference)):
+            handle = model.stages[0].blocks[0].gate.pos.register_forward_hook(
+                lambda module, args, out: torch.zeros_like(out))
+            ablated[name] = model(x)
+            handle.remove()
+        assert (ablated['fast'] - expected).abs().max() > 1e-3
+        torch.testing.assert_close(ablated['fast'], ablated['reference'], atol=1e-4, rtol=0)
+        torch.testing.assert_close(fast(x), expected, atol=0, rtol=0)
