@@ -1,9 +1,12 @@
 """train.py's options as parsed: defaults, configs and the command line, and the values they refuse."""
+import subprocess
+import sys
+
 import pytest
 import torch
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
-from conftest import ROOT
+from conftest import ROOT, TINY_MODEL_ARGS, make_image_folder, script_env
 
 from utils.args import parse_train_args
 
@@ -57,3 +60,22 @@ def test_opt_betas_the_optimizer_takes_are_accepted():
     assert parse_train_args(['data', '--opt-betas', '0.9', '0.95']).opt_betas == [0.9, 0.95]
     assert parse_train_args(['data', '--opt', 'adan', '--opt-betas', '0.98', '0.92', '0.99']).opt_betas == [
         0.98, 0.92, 0.99]
+
+
+@pytest.mark.parametrize('spelling', [['--local-rank=1'], ['--local_rank', '1']])
+def test_the_local_rank_of_the_legacy_launcher_is_accepted(spelling):
+    assert parse_train_args(['data', *spelling]).local_rank == 1
+
+
+def test_the_legacy_launcher_runs_two_processes(tmp_path):
+    """The authors' scripts used `python -m torch.distributed.launch`, which passes --local-rank to each process."""
+    data = make_image_folder(tmp_path / 'data', per_class=4)
+    env = script_env()
+    command = [sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2',
+               f'--master_port={env["MASTER_PORT"]}', str(ROOT / 'train.py'), str(data), *TINY_MODEL_ARGS,
+               '--img-size', '32', '-b', '4', '-j', '0', '--threads', '1', '--epochs', '1', '--warmup-epochs', '0',
+               '--max-steps-per-epoch', '1', '--output', str(tmp_path / 'out'), '--experiment', 'launch']
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert 'on cpu, 2 process(es)' in result.stdout
+    assert (tmp_path / 'out' / 'launch' / 'last.pth.tar').is_file()

@@ -306,6 +306,10 @@ def train_parser() -> argparse.ArgumentParser:
     group.add_argument('--threads', type=int, default=0,
                        help="torch CPU threads per process (0: torch's default). Small models on few cores "
                             "run fastest with 1: splitting tiny operations costs more than it saves")
+    group.add_argument('--local-rank', '--local_rank', type=int, default=None, metavar='N',
+                       help='ignored; accepted because `python -m torch.distributed.launch` passes it. Each '
+                            'process takes its GPU from the LOCAL_RANK environment variable, which that launcher '
+                            'and torchrun (distributed_train.sh) set')
     group.add_argument('--dist-backend', default=None,
                        help='torch.distributed backend (default: nccl on GPUs, gloo on CPU)')
     group.add_argument('--seed', type=int, default=42, help='random seed (offset by the rank)')
