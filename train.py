@@ -27,7 +27,7 @@ import models
 from models import CheckpointError
 from utils.amp import resolve_precision
 from utils.args import OptionError, parse_train_args, plain_args, write_args_yaml
-from utils.checkpointing import CheckpointKeeper, resume_training, training_state
+from utils.checkpointing import CheckpointKeeper, resume_point, resume_training, training_state
 from utils.data import (
     DataError, build_loader, class_to_idx, create_eval_transform, create_train_transform, create_training_datasets,
     resolve_input_config, resolve_num_classes, unreadable_count,
@@ -36,7 +36,7 @@ from utils.digits import prepare_digits
 from utils.distributed import barrier, from_primary, init_runtime, run_script
 from utils.engine import NonFiniteLossError, TrainSettings, evaluate, train_one_epoch, updates_per_epoch
 from utils.outputs import (
-    LOG_FILE, SUMMARY_FILE, WandbLogger, append_summary, format_metrics, run_folder, run_folder_conflict,
+    LOG_FILE, SUMMARY_FILE, WandbLogger, append_summary, args_yaml_path, claim_run_folder, format_metrics,
     setup_logging, summary_row, supersede_summary_rows,
 )
 
@@ -58,6 +58,21 @@ def model_kwargs_from_args(args, num_classes: int) -> dict:
     return kwargs
 
 
+# The options a resumed run's schedule is rebuilt from; changing them changes the rest of the run's schedule.
+SCHEDULE_OPTIONS = ('sched', 'sched_on_updates', 'lr', 'epochs', 'warmup_epochs', 'warmup_lr', 'warmup_prefix',
+                    'min_lr', 'cooldown_epochs', 'decay_epochs', 'decay_milestones', 'decay_rate', 'patience_epochs')
+
+
+def log_schedule_changes(args, resumed_args: dict):
+    """Name the schedule options that differ from the resumed run's: the schedule follows the new values."""
+    current = plain_args(args)
+    changed = [f'--{name.replace("_", "-")} {current[name]} (was {resumed_args[name]})'
+               for name in SCHEDULE_OPTIONS if name in resumed_args and resumed_args[name] != current[name]]
+    if changed:
+        _logger.info('The learning-rate schedule is rebuilt from this run\'s options, which differ from the resumed '
+                     'run\'s: ' + ', '.join(changed))
+
+
 def training_loss(args, mixup_active: bool) -> nn.Module:
     if args.bce_loss:
         return BinaryCrossEntropy(smoothing=0. if mixup_active else args.smoothing)
@@ -71,17 +86,19 @@ def training_loss(args, mixup_active: bool) -> nn.Module:
 def train(args):
     runtime = init_runtime(args.device, args.dist_backend, args.threads)
     setup_logging(None, runtime.is_primary)
-    # Rank 0 names the folder and checks it before anything is written: the ranks' clocks may name a new
-    # folder differently, and a folder on rank 0's disk may not be visible to the others.
-    output_dir, conflict = None, None
+    # Rank 0 checks the checkpoint to resume from and claims the folder before anything is written: the ranks'
+    # clocks may name a new folder differently, and a folder on rank 0's disk may not be visible to the others.
+    output_dir, resumed_epoch, resumed_args, problem = None, None, None, None
     if runtime.is_primary:
-        output_dir = run_folder(args)
-        conflict = run_folder_conflict(output_dir, args.resume)
-    output_dir, conflict = from_primary((output_dir, conflict), runtime)
-    if conflict:
-        raise OptionError(conflict)
-    if runtime.is_primary:
-        os.makedirs(output_dir, exist_ok=True)
+        try:
+            if args.resume:
+                resumed_epoch, resumed_args = resume_point(args.resume)
+            output_dir = claim_run_folder(args, resumed_args)
+        except (CheckpointError, OptionError) as e:
+            problem = e
+    output_dir, resumed_epoch, problem = from_primary((output_dir, resumed_epoch, problem), runtime)
+    if problem:
+        raise problem
     setup_logging(os.path.join(output_dir, LOG_FILE), runtime.is_primary)
     _logger.info(f'Training on {runtime.device}, {runtime.world_size} process(es); output in {output_dir}')
     recipe = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', f'{args.model}.yaml')
@@ -164,8 +181,15 @@ def train(args):
 
     start_epoch = 0
     if args.resume:
+        if resumed_epoch + 1 >= num_epochs:
+            raise OptionError(
+                f'--resume {args.resume}: epoch {resumed_epoch} is finished, and the schedule of --epochs '
+                f'{args.epochs} ends with epoch {num_epochs - 1} (cooldown included), so nothing is left to train. '
+                f'To train on, pass a larger --epochs; the schedule is rebuilt from the options.')
         start_epoch = resume_training(args.resume, model, optimizer, scheduler, precision.loss_scaler, model_ema)
-        if scheduler is not None and start_epoch > 0:
+        if runtime.is_primary:
+            log_schedule_changes(args, resumed_args)
+        if scheduler is not None:
             if args.sched_on_updates:
                 scheduler.step_update(start_epoch * updates)
             else:
@@ -192,7 +216,7 @@ def train(args):
 
     keeper, wandb_logger, summary_path = None, None, os.path.join(output_dir, SUMMARY_FILE)
     if runtime.is_primary:
-        write_args_yaml(args, os.path.join(output_dir, 'args.yaml'))
+        write_args_yaml(args, args_yaml_path(output_dir, start_epoch))
         keeper = CheckpointKeeper(output_dir, args.checkpoint_hist, decreasing=args.eval_metric == 'loss')
         if start_epoch > 0:
             keeper.restore(start_epoch - 1)

@@ -1,5 +1,6 @@
 """train.py and distributed_train.sh on CPU: tiny PosMLPs on generated image folders, a few steps each."""
 import csv
+import datetime
 import json
 import logging
 import os
@@ -17,16 +18,16 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler
 
-from conftest import ROOT, TINY_KWARGS, TINY_MODEL_ARGS, make_image_folder, script_env
+from conftest import ROOT, TINY_KWARGS, TINY_MODEL_ARGS, make_image_folder, reference_path, script_env
 
 import train
 import validate
 from models import CheckpointError
-from utils.args import parse_train_args
-from utils import engine
+from utils.args import OptionError, parse_train_args
+from utils import engine, outputs
 from utils.checkpointing import CheckpointKeeper, resume_training, training_state
 from utils.distributed import Runtime
-from utils.outputs import append_summary, run_folder_conflict, supersede_summary_rows
+from utils.outputs import append_summary, claim_run_folder, run_folder_conflict, supersede_summary_rows
 
 FAST = ['-b', '4', '-j', '0', '--threads', '1', '--warmup-epochs', '0', '--cooldown-epochs', '0', '--log-interval', '1']
 SUMMARY_COLUMNS = ['epoch', 'lr', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5']
@@ -224,6 +225,67 @@ def test_missing_checkpoint_is_named(tmp_path, capsys, flag):
     missing = tmp_path / 'nowhere.pth.tar'
     assert train_in_process(data, tmp_path / 'out', 'x', '--epochs', '1', flag, str(missing)) == 1
     assert f"checkpoint '{missing}' does not exist" in capsys.readouterr().out
+    if flag == '--resume':  # checked before the run folder and its train.log are made
+        assert not (tmp_path / 'out').exists()
+
+
+def test_resuming_the_authors_checkpoint_points_to_initial_checkpoint(tmp_path, capsys):
+    authors = reference_path('gqpe_tiny_original_checkpoint.pth.tar')  # version 2, like this project's format
+    data = make_image_folder(tmp_path / 'data', per_class=2)
+    assert train_in_process(data, tmp_path / 'out', 'x', '--epochs', '1', '--resume', str(authors)) == 1
+    out = capsys.readouterr().out
+    assert 'is not a training checkpoint written by this project' in out and 'pass it as --initial-checkpoint' in out
+    assert 'Traceback' not in out and not (tmp_path / 'out').exists()
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    same_second = datetime.datetime(2024, 5, 1, 12, 0, 0)
+    monkeypatch.setattr(outputs, 'datetime', SimpleNamespace(datetime=SimpleNamespace(now=lambda: same_second)))
+    args = parse_train_args(['data', '--output', str(tmp_path / 'sweep'), '--img-size', '32'])
+    folders = [claim_run_folder(args) for _ in range(3)]
+    first = tmp_path / 'sweep' / '20240501-120000-posmlp_t-32'
+    assert folders == [str(first), f'{first}-1', f'{first}-2'] and all(os.path.isdir(f) for f in folders)
+    # A named folder keeps its refusal instead of a suffix.
+    (first / 'summary.csv').write_text('epoch\n0\n')
+    named = parse_train_args(['data', '--output', str(tmp_path / 'sweep'), '--experiment', first.name])
+    with pytest.raises(OptionError, match='already holds a run'):
+        claim_run_folder(named)
+
+
+def test_a_moved_run_resumes_in_its_folder_and_a_larger_epochs_extends_its_schedule(tmp_path, monkeypatch, capsys):
+    data = make_image_folder(tmp_path / 'data', per_class=2)
+    monkeypatch.chdir(tmp_path)
+    assert train.main([str(data), *TINY_MODEL_ARGS, *FAST, '--epochs', '1', '--output', 'out',
+                       '--experiment', 'run1']) == 0
+    run = tmp_path / 'moved' / 'run1'
+    run.parent.mkdir()
+    os.rename(tmp_path / 'out' / 'run1', run)
+    os.rmdir(tmp_path / 'out')
+    (tmp_path / 'elsewhere').mkdir()
+    monkeypatch.chdir(tmp_path / 'elsewhere')  # the relative --output of args.yaml names no folder here
+    options = (run / 'args.yaml').read_bytes()
+    resume = ['-c', str(run / 'args.yaml'), '--resume', str(run / 'last.pth.tar')]
+    capsys.readouterr()
+
+    assert train.main(resume) == 1  # the run's own --epochs 1 is done
+    out = capsys.readouterr().out
+    assert 'epoch 0 is finished, and the schedule of --epochs 1 ends with epoch 0' in out
+    assert 'pass a larger --epochs' in out
+    assert sorted(p.name for p in run.iterdir()) == ['args.yaml', 'checkpoint-0.pth.tar', 'last.pth.tar',
+                                                     'model_best.pth.tar', 'summary.csv', 'train.log']
+
+    assert train.main(resume + ['--epochs', '3', '--lr', '0.01']) == 0
+    out = capsys.readouterr().out
+    assert f'output in {run}' in out and '--lr 0.01 (was 0.002), --epochs 3 (was 1)' in out
+    assert not (tmp_path / 'out').exists() and not (tmp_path / 'elsewhere' / 'out').exists()
+    _, rows = read_summary(run)
+    assert [int(r['epoch']) for r in rows] == [0, 1, 2]
+    # The cosine schedule of the new options (3 epochs from 0.01 to 1e-6), not the checkpoint's, at epochs 1 and 2.
+    assert float(rows[1]['lr']) == pytest.approx(1e-6 + (0.01 - 1e-6) * 0.75)
+    assert float(rows[2]['lr']) == pytest.approx(1e-6 + (0.01 - 1e-6) * 0.25)
+    # The run's first options are kept; the resumed run's are written beside them.
+    assert (run / 'args.yaml').read_bytes() == options
+    assert yaml.safe_load((run / 'args-resume-epoch1.yaml').read_text())['epochs'] == 3
 
 
 def test_unreadable_images_are_skipped_counted_and_bounded(tmp_path, capsys):
@@ -321,6 +383,7 @@ def _training_objects(seed):
     return model, optimizer, scheduler, NativeScaler(device='cpu'), ModelEmaV3(model, decay=0.9)
 
 
+@pytest.mark.filterwarnings('ignore:PlateauLRScheduler is deprecated')
 def test_resume_restores_optimizer_scheduler_scaler_and_ema(tmp_path):
     model, optimizer, scheduler, scaler, ema = _training_objects(0)
     images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
@@ -334,10 +397,23 @@ def test_resume_restores_optimizer_scheduler_scaler_and_ema(tmp_path):
                                scaler, ema, {'lr': 1e-3}, 50.0))
 
     fresh = _training_objects(1)
+    fresh_scheduler = fresh[2]
+    fresh_scheduler.t_initial = 9  # a run resumed with a larger --epochs
     assert resume_training(str(tmp_path / 'last.pth.tar'), *fresh) == 1
-    for saved, restored in zip((model, optimizer, scheduler, scaler, ema.module), fresh[:4] + (fresh[4].module,)):
+    for saved, restored in zip((model, optimizer, scaler, ema.module), fresh[:2] + (fresh[3], fresh[4].module)):
         assert str(restored.state_dict()) == str(saved.state_dict())
     assert torch.equal(fresh[0].head.weight, model.head.weight)
+    assert fresh_scheduler.t_initial == 9  # the schedule follows the resumed run's options, not the checkpoint's
+
+    # The plateau schedule's best metric is no option: it is restored.
+    plateau, _ = create_scheduler_v2(optimizer, 'plateau', num_epochs=5, warmup_epochs=0)
+    plateau.step(1, 42.)
+    keeper.save(training_state(1, 'posmlp_t', dict(TINY_KWARGS, num_classes=3), model, optimizer, plateau,
+                               scaler, ema, {'lr': 1e-3}, 50.0))
+    fresh = _training_objects(2)
+    fresh_plateau, _ = create_scheduler_v2(fresh[1], 'plateau', num_epochs=5, warmup_epochs=0)
+    resume_training(str(tmp_path / 'last.pth.tar'), fresh[0], fresh[1], fresh_plateau, fresh[3], fresh[4])
+    assert fresh_plateau.lr_scheduler.best == 42.
 
 
 def test_resume_refuses_to_drop_ema_weights_and_warns_about_a_dropped_scaler(tmp_path, caplog):

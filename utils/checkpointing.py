@@ -12,6 +12,7 @@ import os
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
+from timm.scheduler import PlateauLRScheduler
 from timm.utils import get_state_dict, unwrap_model
 
 import models
@@ -24,6 +25,8 @@ LAST = 'last.pth.tar'
 BEST = 'model_best.pth.tar'
 SUPERSEDED = 'superseded'
 HISTORY_PATTERN = re.compile(r'checkpoint-(\d+)\.pth\.tar')
+# Keys training_state always writes (the authors' checkpoints have `arch` and an argparse `args` instead).
+TRAINING_KEYS = frozenset({'epoch', 'model_name', 'model_kwargs', 'state_dict', 'optimizer', 'scheduler', 'args'})
 
 
 def training_state(epoch: int, model_name: str, model_kwargs: dict, model, optimizer, scheduler, loss_scaler,
@@ -62,17 +65,22 @@ def newest_checkpoint(folder: str) -> Optional[str]:
     return os.path.join(folder, f'checkpoint-{max(epochs)}.pth.tar') if epochs else None
 
 
-def superseded_path(output_dir: str, name: str) -> str:
-    """A free path for `name` in `output_dir`/superseded/: NAME, else NAME-2, NAME-3, ... (before the
-    extension), so what several resumes over the same epochs set aside is all kept."""
-    folder = os.path.join(output_dir, SUPERSEDED)
-    os.makedirs(folder, exist_ok=True)
+def free_path(folder: str, name: str) -> str:
+    """A path for `name` in `folder` that no file has: NAME, else NAME-2, NAME-3, ... (before the extension)."""
     stem, dot, extension = name.partition('.')
     target, copy = name, 1
     while os.path.exists(os.path.join(folder, target)):
         copy += 1
         target = f'{stem}-{copy}{dot}{extension}'
     return os.path.join(folder, target)
+
+
+def superseded_path(output_dir: str, name: str) -> str:
+    """A free path for `name` in `output_dir`/superseded/, so what several resumes over the same epochs set
+    aside is all kept."""
+    folder = os.path.join(output_dir, SUPERSEDED)
+    os.makedirs(folder, exist_ok=True)
+    return free_path(folder, name)
 
 
 class CheckpointKeeper:
@@ -162,16 +170,37 @@ class CheckpointKeeper:
         return is_best
 
 
-def resume_training(path: str, model, optimizer, scheduler=None, loss_scaler=None, model_ema=None) -> int:
-    """Restore model, optimizer, scheduler, loss scaler and EMA from a checkpoint of this project's
-    train.py; returns the epoch to continue with."""
-    checkpoint = models.load_checkpoint_file(path)
+def read_resumable(path: str, mmap: bool = False) -> Dict[str, Any]:
+    """The checkpoint at `path` if this project's train.py wrote it; CheckpointError otherwise.
+
+    The authors' released checkpoints have the same `version` and an optimizer too, so the keys that only
+    this train.py writes tell the two apart."""
+    checkpoint = models.load_checkpoint_file(path, mmap=mmap)
     if not isinstance(checkpoint, dict) or checkpoint.get('version') != FORMAT_VERSION \
-            or not isinstance(checkpoint.get('optimizer'), dict) or 'epoch' not in checkpoint:
+            or not TRAINING_KEYS <= set(checkpoint) or not isinstance(checkpoint['optimizer'], dict) \
+            or not isinstance(checkpoint['args'], dict):
         raise CheckpointError(
-            f'{path} is not a training checkpoint written by this project\'s train.py (it needs epoch, optimizer '
-            f'and version {FORMAT_VERSION}), so training cannot resume from it. To start a new run from its '
-            f'weights, pass it as --initial-checkpoint instead.')
+            f'{path} is not a training checkpoint written by this project\'s train.py (it needs '
+            f'{", ".join(sorted(TRAINING_KEYS))} and version {FORMAT_VERSION}), so training cannot resume from it. '
+            f'To start a new run from its weights, pass it as --initial-checkpoint instead.')
+    return checkpoint
+
+
+def resume_point(path: str) -> Tuple[int, Dict[str, Any]]:
+    """The last finished epoch and the recorded options of the checkpoint to resume from; mapped, not read,
+    since the run checks them before it builds anything."""
+    checkpoint = read_resumable(path, mmap=True)
+    return int(checkpoint['epoch']), checkpoint['args']
+
+
+def resume_training(path: str, model, optimizer, scheduler=None, loss_scaler=None, model_ema=None) -> int:
+    """Restore model, optimizer, loss scaler and EMA from a checkpoint of this project's train.py; returns
+    the epoch to continue with.
+
+    The schedule is not restored: like timm's train.py, the caller steps the scheduler it built from this
+    run's options to the resumed epoch, so a larger --epochs extends a run. Only the plateau schedule keeps
+    state that no option gives (the best metric so far), and it is restored."""
+    checkpoint = read_resumable(path)
     if model_ema is None and isinstance(checkpoint.get('state_dict_ema'), dict):
         raise CheckpointError(
             f'{path} holds EMA weights, but this run has no --model-ema: resuming would drop the EMA history, and '
@@ -184,7 +213,7 @@ def resume_training(path: str, model, optimizer, scheduler=None, loss_scaler=Non
                         f'it. Add --amp (--amp-dtype float16) to continue the run as it was.')
     models.load_weights(unwrap_model(model), checkpoint['state_dict'], f'{path} (state_dict)')
     optimizer.load_state_dict(checkpoint['optimizer'])
-    if scheduler is not None and checkpoint.get('scheduler') is not None:
+    if isinstance(scheduler, PlateauLRScheduler) and checkpoint['scheduler'] is not None:
         scheduler.load_state_dict(checkpoint['scheduler'])
     if loss_scaler is not None:
         if checkpoint.get('scaler') is not None:

@@ -3,6 +3,7 @@ import csv
 import datetime
 import fnmatch
 import io
+import itertools
 import logging
 import os
 import sys
@@ -10,24 +11,61 @@ from typing import List, Optional, Tuple
 
 from timm.utils import FormatterNoInfo
 
-from .checkpointing import newest_checkpoint, superseded_path
+from .args import OptionError
+from .checkpointing import free_path, newest_checkpoint, superseded_path
 
 _logger = logging.getLogger(__name__)
 
 LOG_FILE = 'train.log'
+ARGS_FILE = 'args.yaml'
 SUMMARY_FILE = 'summary.csv'
 METRIC_NAMES = ('loss', 'top1', 'top5')
 # What a run leaves in its folder that another run would overwrite or mix with its own.
 RUN_FILE_PATTERNS = ('last.pth.tar', SUMMARY_FILE, 'checkpoint-*.pth.tar')
 
 
-def run_folder(args) -> str:
-    """`--output/--experiment`; a resumed run continues in its checkpoint's folder unless --experiment is given."""
-    if args.resume and not args.experiment:
-        return os.path.dirname(os.path.abspath(args.resume))
+def run_folder(args, resumed_args: Optional[dict] = None) -> str:
+    """`--output/--experiment`, or the folder of the checkpoint a run resumes from (`resumed_args` are the
+    options it recorded): unless --output/--experiment name another folder than the run was made with,
+    wherever that folder has been moved since, or the current directory under a relative --output."""
+    if args.resume:
+        recorded = resumed_args or {}
+        own_names = (recorded.get('output'), recorded.get('experiment'))
+        if not args.experiment or (args.output, args.experiment) == own_names:
+            return os.path.dirname(os.path.abspath(args.resume))
     name = args.experiment or '-'.join([
         datetime.datetime.now().strftime('%Y%m%d-%H%M%S'), args.model, str(args.img_size or 'default')])
     return os.path.join(args.output or os.path.join('output', 'train'), name)
+
+
+def claim_run_folder(args, resumed_args: Optional[dict] = None) -> str:
+    """Create the run's folder (see run_folder) and return it; OptionError when it holds another run.
+
+    A generated name goes down to the second, so runs started together may make the same one: each creates
+    its folder exclusively, and a name taken by another gets -1, -2, ... (like timm's get_outdir(inc=True))."""
+    folder = run_folder(args, resumed_args)
+    if args.experiment or args.resume:
+        conflict = run_folder_conflict(folder, args.resume)
+        if conflict:
+            raise OptionError(conflict)
+        os.makedirs(folder, exist_ok=True)
+        return folder
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    for copy in itertools.count():
+        candidate = f'{folder}-{copy}' if copy else folder
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            continue
+
+
+def args_yaml_path(folder: str, start_epoch: int) -> str:
+    """Where a run starting with `start_epoch` writes its options: args.yaml, or, for a resumed run, beside
+    the args.yaml the run was made with, args-resume-epochN.yaml (N = start_epoch; -2, -3 when taken)."""
+    if start_epoch == 0 or not os.path.exists(os.path.join(folder, ARGS_FILE)):
+        return os.path.join(folder, ARGS_FILE)
+    return free_path(folder, f'args-resume-epoch{start_epoch}.yaml')
 
 
 def run_files(folder: str) -> List[str]:
