@@ -12,6 +12,7 @@ gMLP's SGU is kept as the ablation baseline (`gate='sgu'`).
 Layout: the stem and downsampling work on (B, C, H, W); each stage partitions its map into
 w x w windows, (B, nW, N, C) with N = w * w, and its blocks work there.
 """
+import itertools
 import math
 import re
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
@@ -50,12 +51,13 @@ def window_reverse(windows: torch.Tensor, win: int, H: int, W: int) -> torch.Ten
     return x.reshape(B, H, W, C)
 
 
-def relative_offsets(win: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def relative_offsets(win: int, device: Optional[torch.device] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Offsets (dx, dy) between every output token m and input token n of a window, shape (N, N).
 
     dx = c_n - c_m and dy = r_m - r_n: the authors' sign conventions, which their checkpoints rely on.
     """
-    rows, cols = torch.meshgrid(torch.arange(win), torch.arange(win), indexing='ij')
+    steps = torch.arange(win, device=device)
+    rows, cols = torch.meshgrid(steps, steps, indexing='ij')
     rows, cols = rows.flatten(), cols.flatten()
     dx = cols[None, :] - cols[:, None]
     dy = rows[:, None] - rows[None, :]
@@ -120,6 +122,12 @@ def _is_exact_gelu(module: nn.Module) -> bool:
     return type(module) is nn.GELU and module.approximate == 'none'
 
 
+def _rebuild_derived_buffers(module: nn.Module, incompatible_keys) -> None:
+    """load_state_dict post-hook: the buffers derived from the window size are not in state dicts, so a
+    model built on the meta device (then `to_empty` or `assign=True`) gets them here, on its weights' device."""
+    module.init_non_persistent_buffers()
+
+
 class GQPE(nn.Module):
     """Generalized quadratic positional encoding: one softmax-normalised Gaussian map per group.
 
@@ -136,14 +144,23 @@ class GQPE(nn.Module):
         self.init_std = init_std
         self.centers = nn.Parameter(torch.empty(gamma, 2))
         self.spreads = nn.Parameter(torch.empty(gamma, 2, 2) if generalized else torch.empty(gamma))
-        dx, dy = relative_offsets(win_size)
-        if generalized:
+        self.register_buffer('rel_features', self._relative_features(), persistent=False)
+        self.register_load_state_dict_post_hook(_rebuild_derived_buffers)
+        self.init_weights()
+
+    def _relative_features(self, device: Optional[torch.device] = None) -> torch.Tensor:
+        """(F, N, N): the scores of all groups are then one contiguous (gamma, F) x (F, N * N) product."""
+        dx, dy = relative_offsets(self.win_size, device)
+        if self.generalized:
             features = [dx, dy, dx ** 2, dy ** 2, dx * dy]
         else:
             features = [dx, dy, dx ** 2 + dy ** 2]
-        # (F, N, N): the scores of all groups are then one contiguous (gamma, F) x (F, N * N) product.
-        self.register_buffer('rel_features', torch.stack(features).float(), persistent=False)
-        self.init_weights()
+        return torch.stack(features).float()
+
+    def init_non_persistent_buffers(self):
+        """Recompute `rel_features` on the parameters' device, keeping its dtype (timm's hook, see
+        `timm.models.reinit_non_persistent_buffers`): after building on the meta device and `to_empty`."""
+        self.rel_features = self._relative_features(self.centers.device).to(self.rel_features.dtype)
 
     def init_weights(self):
         nn.init.normal_(self.centers, std=self.init_std)
@@ -182,11 +199,21 @@ class LRPE(nn.Module):
         self.win_size = win_size
         self.gamma = gamma
         self.table = nn.Parameter(torch.empty((2 * win_size - 1) ** 2, gamma))
-        dx, dy = relative_offsets(win_size)
-        # Row offset r_m - r_n is dy and column offset c_m - c_n is -dx; shifted to be non-negative.
-        index = (dy + win_size - 1) * (2 * win_size - 1) + (win_size - 1 - dx)
-        self.register_buffer('rel_index', index, persistent=False)
+        self.register_buffer('rel_index', self._relative_index(), persistent=False)
+        self.register_load_state_dict_post_hook(_rebuild_derived_buffers)
         self.init_weights()
+
+    def _relative_index(self, device: Optional[torch.device] = None) -> torch.Tensor:
+        """(N, N) rows of `table`. Row offset r_m - r_n is dy and column offset c_m - c_n is -dx;
+        both shifted to be non-negative."""
+        win = self.win_size
+        dx, dy = relative_offsets(win, device)
+        return (dy + win - 1) * (2 * win - 1) + (win - 1 - dx)
+
+    def init_non_persistent_buffers(self):
+        """Recompute `rel_index` on the table's device (timm's hook, see
+        `timm.models.reinit_non_persistent_buffers`): after building on the meta device and `to_empty`."""
+        self.rel_index = self._relative_index(self.table.device)
 
     def init_weights(self):
         trunc_normal_(self.table, std=0.02)
@@ -292,7 +319,9 @@ class PoSGU(nn.Module):
         # host wait in every block): in-place updates (optimizer steps, load_state_dict, edits under
         # no_grad) bump a tensor's version, and .to()/.half() give new storage. Edits through `.data`
         # bypass the version counter: call train() or eval() after them, which drops the cache.
-        return tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self.pos.parameters())
+        # The derived buffers count too: `init_non_persistent_buffers` replaces them.
+        tensors = itertools.chain(self.pos.parameters(), self.pos.buffers())
+        return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
 
     def maps(self, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The token-mixing maps; reused across calls only when no gradient can flow to them and the

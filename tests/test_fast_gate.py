@@ -5,6 +5,7 @@ import torch
 
 import models  # noqa: F401  (registers the models)
 from models.posmlp import GeluGateFn, PoSGU
+from timm.models._manipulate import reinit_non_persistent_buffers
 from conftest import TINY_KWARGS
 
 # 64 px, windows of 2x2 or more: every map has something to mix, so every parameter matters.
@@ -311,3 +312,39 @@ def test_hooks_on_the_positional_encoder_act_every_call_and_leave_nothing_cached
         assert (ablated['fast'] - expected).abs().max() > 1e-3
         torch.testing.assert_close(ablated['fast'], ablated['reference'], atol=1e-4, rtol=0)
         torch.testing.assert_close(fast(x), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize('gate', ['gqpe', 'lrpe'])
+@pytest.mark.parametrize('impl', ['fast', 'reference'])
+def test_model_built_on_meta_device_loads_exactly(gate, impl):
+    """State dicts leave out the buffers derived from the window size: loading into a model built on the
+    meta device rebuilds them, and so does timm's reinit_non_persistent_buffers."""
+    kwargs = dict(KWARGS, gate=gate, gate_impl=impl)
+    fast, reference = perturbed_pair(gate=gate)
+    source = fast if impl == 'fast' else reference
+    state = source.state_dict()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = source.eval()(x)
+    for assign in (False, True):
+        with torch.device('meta'):
+            model = timm.create_model('posmlp_t', **kwargs)
+        if not assign:
+            model.to_empty(device='cpu')
+        model.load_state_dict(state, assign=assign)
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(x), expected, atol=0, rtol=0)
+
+    # Loaded first, buffers rebuilt after an inference has cached maps made from uninitialised ones.
+    with torch.device('meta'):
+        model = timm.create_model('posmlp_t', **kwargs)
+    model.to_empty(device='cpu').eval()
+    model.load_state_dict(state)
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if name in ('rel_features', 'rel_index'):
+                buffer.fill_(7)
+    with torch.no_grad():
+        model(x)
+        assert reinit_non_persistent_buffers(model)
+        torch.testing.assert_close(model(x), expected, atol=0, rtol=0)
