@@ -15,10 +15,13 @@ import csv
 import json
 import logging
 import os
+import pickle
 import sys
 import time
+from typing import Optional
 
 import torch
+from timm.data.readers.class_map import load_class_map
 from timm.utils import ParseKwargs
 
 import models
@@ -26,8 +29,8 @@ from models import CheckpointError
 from utils.amp import resolve_precision
 from utils.args import OptionError, check_integer_minimums, resolve_data_root
 from utils.data import (
-    DataError, build_loader, create_eval_transform, create_split_dataset, evaluation_folder, num_classes_of,
-    resolve_input_config, unreadable_count,
+    DataError, build_loader, class_to_idx, create_eval_transform, create_split_dataset, evaluation_folder,
+    num_classes_of, resolve_input_config, unreadable_count,
 )
 from utils.distributed import init_runtime, run_script
 from utils.engine import evaluate
@@ -50,6 +53,10 @@ def validate_parser() -> argparse.ArgumentParser:
     parser.add_argument('--split', default='validation', help='split of a timm dataset spec')
     parser.add_argument('--checkpoint', required=True, metavar='PATH',
                         help="a checkpoint of this project's train.py or the authors' release")
+    parser.add_argument('--class-map', default='', metavar='FILE',
+                        help="label of each class folder: timm's class map, a .txt file with one class name a line "
+                             "in label order (or a .pkl dict name -> label); default: the map the checkpoint "
+                             "stores (this project's train.py stores one)")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument('--use-ema', action='store_true', default=None,
                          help='require the EMA weights (default: EMA when the checkpoint has them)')
@@ -86,6 +93,53 @@ def training_data_options(loaded: models.LoadedCheckpoint) -> dict:
     return {k: loaded.args[k] for k in DATA_OPTIONS if loaded.args.get(k) not in (None, '')}
 
 
+def wanted_class_map(args) -> tuple:
+    """(class name -> label, where it came from): --class-map, else the checkpoint's `class_to_idx`, else (None, '')."""
+    if args.class_map:
+        try:
+            return load_class_map(args.class_map), f'--class-map {args.class_map}'
+        except (AssertionError, ValueError, OSError, pickle.UnpicklingError) as e:
+            raise DataError(f'--class-map {args.class_map}: {e}. Give a .txt file with one class name a line, '
+                            f'in label order.') from None
+    # Only a few entries are read, so map the tensors rather than reading them again.
+    stored = models.load_checkpoint_file(args.checkpoint, mmap=True)
+    stored = stored.get('class_to_idx') if isinstance(stored, dict) else None
+    return (dict(stored), f'the class_to_idx of {args.checkpoint}') if isinstance(stored, dict) else (None, '')
+
+
+def labelled_folder(data_dir: str, args, model_classes: Optional[int]):
+    """The image folder with each class folder labelled as the model's head has it.
+
+    Labels come from a class map (given or stored in the checkpoint); without one the folders are
+    numbered in sorted order, which is right only when the folder holds every class of the head.
+    """
+    dataset = create_split_dataset('', data_dir, 'validation', args.max_bad_images)
+    folder_classes = class_to_idx(dataset)
+    class_map, source = wanted_class_map(args)
+    if class_map is None:
+        if model_classes and len(folder_classes) > model_classes:
+            raise DataError(f'{data_dir} has {len(folder_classes)} classes but the model predicts {model_classes}; '
+                            f'evaluate it on the validation split of the data it was trained on.')
+        if model_classes and len(folder_classes) < model_classes:
+            raise DataError(
+                f'{data_dir} has {len(folder_classes)} class folders but the model predicts {model_classes} '
+                f'classes, and nothing says which labels those folders are: numbering them from 0 would mislabel '
+                f'them. Pass --class-map FILE (the training class names, one a line in label order), or evaluate '
+                f"a checkpoint written by this project's train.py, which stores the map.")
+        return dataset
+    unknown = sorted(set(folder_classes) - set(class_map))
+    if unknown:
+        raise DataError(f'{data_dir} has class folders that {source} lacks: {", ".join(unknown[:10])}'
+                        f'{f" ... ({len(unknown)} in all)" if len(unknown) > 10 else ""}; evaluate on classes '
+                        f'the model was trained on, or give the class map of its training data.')
+    if model_classes and max(class_map.values()) >= model_classes:
+        raise DataError(f'{source} has labels up to {max(class_map.values())}, but the model predicts only '
+                        f'{model_classes} classes; give the class map of its training data.')
+    if folder_classes == class_map:
+        return dataset
+    return create_split_dataset('', data_dir, 'validation', args.max_bad_images, class_map=class_map)
+
+
 def write_results(path: str, results: dict):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -103,12 +157,8 @@ def validate(args) -> dict:
     setup_logging(None, runtime.is_primary)
 
     data_dir = args.data_dir
-    if args.dataset:
-        dataset = create_split_dataset(args.dataset, data_dir, args.split, args.max_bad_images)
-    else:
+    if not args.dataset:
         data_dir = evaluation_folder(data_dir)
-        dataset = create_split_dataset('', data_dir, 'validation', args.max_bad_images)
-
     loaded = models.read_checkpoint(args.checkpoint, use_ema=args.use_ema)
     model = models.create_model_from_checkpoint(loaded, model_name=args.model, **args.model_kwargs)
     if loaded.weights == 'state_dict_ema':
@@ -117,10 +167,14 @@ def validate(args) -> dict:
         which = 'live weights (state_dict)' + ('' if args.use_ema is False else '; the checkpoint has no EMA weights')
     _logger.info(f'Checkpoint {args.checkpoint}: {which}.')
     model_classes = getattr(model, 'num_classes', None)
-    data_classes = num_classes_of(dataset)
-    if model_classes and data_classes > model_classes:
-        raise DataError(f'{data_dir} has {data_classes} classes but the model predicts {model_classes}; '
-                        f'evaluate it on the validation split of the data it was trained on.')
+    if args.dataset:
+        dataset = create_split_dataset(args.dataset, data_dir, args.split, args.max_bad_images)
+        data_classes = num_classes_of(dataset)
+        if model_classes and data_classes > model_classes:
+            raise DataError(f'{data_dir} has {data_classes} classes but the model predicts {model_classes}; '
+                            f'evaluate it on the validation split of the data it was trained on.')
+    else:
+        dataset = labelled_folder(data_dir, args, model_classes)
 
     options = training_data_options(loaded)
     given = {k: getattr(args, k, None) for k in DATA_OPTIONS if getattr(args, k, None) is not None}
@@ -165,6 +219,8 @@ def validate(args) -> dict:
 def main(argv=None) -> int:
     parser = validate_parser()
     args = parser.parse_args(argv)
+    if args.class_map and args.dataset:
+        parser.error('--class-map applies to image folders only, not to --dataset; leave it out.')
     if args.results_file and not args.results_file.endswith(RESULT_FORMATS):
         parser.error(f'--results-file {args.results_file}: name it .csv or .json to choose the format.')
     args.data_dir = resolve_data_root(parser, args, config={})

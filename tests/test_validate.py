@@ -246,3 +246,49 @@ def test_eval_sh_usage():
     result = subprocess.run(['bash', str(ROOT / 'eval.sh'), 'only-one-arg'], capture_output=True, text=True,
                             env=script_env())
     assert result.returncode == 2 and 'usage:' in result.stderr
+
+
+def save_checkpoint_predicting(path, label, class_to_idx=None):
+    """A 3-class checkpoint whose head always predicts `label`; `class_to_idx` stored when given."""
+    model = timm.create_model('posmlp_t', num_classes=3, **TINY_KWARGS)
+    head = model.get_classifier()
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(F.one_hot(torch.tensor(label), 3) * 10.)
+    checkpoint = {'state_dict': model.state_dict(), 'model_name': 'posmlp_t',
+                  'model_kwargs': dict(TINY_KWARGS, num_classes=3)}
+    if class_to_idx is not None:
+        checkpoint['class_to_idx'] = class_to_idx
+    models.save_checkpoint_file(checkpoint, str(path))
+    return path
+
+
+@pytest.mark.parametrize('map_source', ['checkpoint', 'class_map_file'])
+def test_a_folder_with_fewer_classes_is_labelled_as_in_training(tmp_path, capsys, map_source):
+    data = make_image_folder(tmp_path / 'data', classes=('b',), per_class=2, splits=('val',))
+    argv = [str(data), '-j', '0']
+    if map_source == 'checkpoint':
+        argv += ['--checkpoint', str(save_checkpoint_predicting(tmp_path / 'c.pth.tar', 1, {'a': 0, 'b': 1, 'c': 2}))]
+    else:
+        (tmp_path / 'classes.txt').write_text('a\nb\nc\n')
+        argv += ['--checkpoint', str(save_checkpoint_predicting(tmp_path / 'c.pth.tar', 1)),
+                 '--class-map', str(tmp_path / 'classes.txt')]
+    assert validate.main(argv) == 0
+    assert printed_results(capsys.readouterr().out)['top1'] == 100.
+
+
+def test_a_folder_with_fewer_classes_and_no_class_map_is_an_error(tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'data', classes=('b',), per_class=1, splits=('val',))
+    checkpoint = save_checkpoint_predicting(tmp_path / 'c.pth.tar', 1)
+    assert validate.main([str(data), '--checkpoint', str(checkpoint), '-j', '0']) == 1
+    out = capsys.readouterr().out
+    assert 'has 1 class folders but the model predicts 3 classes' in out and '--class-map' in out
+    assert 'Traceback' not in out
+
+
+def test_a_class_folder_missing_from_the_class_map_is_named(tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'data', classes=('b', 'zebra'), per_class=1, splits=('val',))
+    checkpoint = save_checkpoint_predicting(tmp_path / 'c.pth.tar', 1, {'a': 0, 'b': 1, 'c': 2})
+    assert validate.main([str(data), '--checkpoint', str(checkpoint), '-j', '0']) == 1
+    out = capsys.readouterr().out
+    assert 'has class folders that the class_to_idx of' in out and 'lacks: zebra' in out
