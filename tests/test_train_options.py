@@ -1,14 +1,17 @@
 """train.py's options as parsed: defaults, configs and the command line, and the values they refuse."""
+import csv
 import subprocess
 import sys
 
 import pytest
 import torch
+import yaml
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 from conftest import ROOT, TINY_MODEL_ARGS, make_image_folder, script_env
 
-from utils.args import parse_train_args
+import train
+from utils.args import parse_train_args, train_parser
 
 CONFIGS = ROOT / 'configs'
 
@@ -79,3 +82,62 @@ def test_the_legacy_launcher_runs_two_processes(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert 'on cpu, 2 process(es)' in result.stdout
     assert (tmp_path / 'out' / 'launch' / 'last.pth.tar').is_file()
+
+
+def on_off_options():
+    """Each on/off option's name and the command-line switches that set it."""
+    switches = {}
+    for action in train_parser()._actions:
+        if action.nargs == 0 and action.dest != 'help':
+            switches.setdefault(action.dest, []).extend(action.option_strings)
+    return switches
+
+
+@pytest.mark.parametrize('dest, switches', on_off_options().items())
+@pytest.mark.parametrize('in_config', [True, False])
+def test_the_command_line_undoes_each_on_off_option_of_a_config(tmp_path, dest, switches, in_config):
+    config = tmp_path / 'config.yaml'
+    # EMA on throughout, so that ranking by it can be switched on.
+    config.write_text(yaml.safe_dump({'model_ema': True, dest: in_config}))
+    values = {switch: getattr(parse_train_args(['-c', str(config), 'data', switch]), dest) for switch in switches}
+    assert (not in_config) in values.values(), values
+
+
+def test_the_recipe_with_ema_and_amp_turned_off():
+    args = parse_train_args(['-c', str(CONFIGS / 'posmlp_t.yaml'), 'data', '--no-model-ema', '--no-amp'])
+    assert args.model_ema is False and args.amp is False and args.lr == 2e-3
+
+
+@pytest.mark.parametrize('argv, ranked_by_ema', [
+    ([], False),
+    (['--model-ema'], True),
+    (['--model-ema', '--no-best-from-ema'], False),
+    (['-c', str(CONFIGS / 'posmlp_t.yaml')], True),
+    (['-c', str(CONFIGS / 'posmlp_t.yaml'), '--no-model-ema'], False),
+    (['-c', str(CONFIGS / 'posmlp_t.yaml'), '--no-best-from-ema'], False),
+])
+def test_checkpoints_are_ranked_by_the_ema_model_when_there_is_one(argv, ranked_by_ema):
+    assert parse_train_args([*argv, 'data']).best_from_ema is ranked_by_ema
+
+
+def test_a_config_asking_for_ema_ranking_leaves_it_to_the_model_ema_switch(tmp_path, capsys):
+    config = tmp_path / 'config.yaml'
+    config.write_text('model_ema: true\nbest_from_ema: true\n')
+    assert parse_train_args(['-c', str(config), 'data', '--no-model-ema']).best_from_ema is False
+    config.write_text('model_ema: true\nbest_from_ema: false\n')
+    assert parse_train_args(['-c', str(config), 'data']).best_from_ema is False
+    message = '--best-from-ema ranks checkpoints by the EMA model, so it needs --model-ema.'
+    assert message in parse_error(capsys, ['data', '--best-from-ema'])
+
+
+def test_model_best_of_an_ema_run_is_the_ema_models(tmp_path, capsys, in_process_run):
+    """model_best is what eval.sh measures: the EMA weights, so they must be what ranked it."""
+    data = make_image_folder(tmp_path / 'data', per_class=2)
+    assert train.main([str(data), *TINY_MODEL_ARGS, '-b', '2', '-j', '0', '--threads', '1', '--warmup-epochs', '0',
+                       '--epochs', '1', '--model-ema', '--model-ema-decay', '0.5', '--output', str(tmp_path / 'out'),
+                       '--experiment', 'ema']) == 0
+    assert 'checkpoints ranked by EMA top1' in capsys.readouterr().out
+    with open(tmp_path / 'out' / 'ema' / 'summary.csv', newline='') as f:
+        row, = csv.DictReader(f)
+    best = torch.load(tmp_path / 'out' / 'ema' / 'model_best.pth.tar', map_location='cpu', weights_only=True)
+    assert best['metric'] == float(row['ema_top1'])

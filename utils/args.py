@@ -26,9 +26,10 @@ class OptionError(ValueError):
 # args.yaml names the config its run was made from; a config does not chain to another.
 CONFIG_IGNORED_KEYS = ('config',)
 # Config keys that do not become defaults: the data root may come from the command line in two spellings
-# (DIR, --data-dir), which are compared with each other, not with the config's; and a config that resumed
-# would make every run made from it continue one run.
-CONFIG_HELD_BACK_KEYS = ('data', 'data_dir', 'resume')
+# (DIR, --data-dir), which are compared with each other, not with the config's; a config that resumed
+# would make every run made from it continue one run; and a config's best_from_ema: true asks for ranking
+# by the EMA model only while there is one, so --no-model-ema does not clash with it.
+CONFIG_HELD_BACK_KEYS = ('data', 'data_dir', 'resume', 'best_from_ema')
 
 
 def plain(value: Any) -> Any:
@@ -168,6 +169,10 @@ def warn_of_config_resume(parser: argparse.ArgumentParser, args: argparse.Namesp
               f'on the command line.', file=sys.stderr)
 
 
+# On/off options come in pairs, --x and --no-x, so the command line can undo a config's `x: true`.
+ON_OFF = dict(action=argparse.BooleanOptionalAction, default=False)
+
+
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='train.py',
@@ -197,7 +202,7 @@ def train_parser() -> argparse.ArgumentParser:
                             'before the run stops (default: 1%% of the split); image folders only')
     group.add_argument('-j', '--workers', type=int, default=min(4, os.cpu_count() or 1),
                        help='data loading processes per training process')
-    group.add_argument('--pin-mem', action='store_true', help='pin CPU memory of batches (CUDA)')
+    group.add_argument('--pin-mem', **ON_OFF, help='pin CPU memory of batches (CUDA)')
 
     group = parser.add_argument_group('Model')
     group.add_argument('--model', default='posmlp_t', help='timm model name')
@@ -219,11 +224,11 @@ def train_parser() -> argparse.ArgumentParser:
     group.add_argument('--interpolation', default='', help='eval resize interpolation (default: model cfg)')
     group.add_argument('--drop', type=float, default=0.02333, help='dropout rate')
     group.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
-    group.add_argument('--grad-checkpointing', action='store_true', help='recompute activations to save memory')
-    group.add_argument('--channels-last', action='store_true', help='channels_last memory layout')
+    group.add_argument('--grad-checkpointing', **ON_OFF, help='recompute activations to save memory')
+    group.add_argument('--channels-last', **ON_OFF, help='channels_last memory layout')
     group.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
                        help='torch.compile the model (backend: inductor unless given)')
-    group.add_argument('--sync-bn', action='store_true', help='synchronised BatchNorm across GPUs')
+    group.add_argument('--sync-bn', **ON_OFF, help='synchronised BatchNorm across GPUs')
     group.add_argument('--dist-bn', default='reduce', choices=('reduce', 'broadcast', ''),
                        help='make BatchNorm statistics agree across processes before eval')
 
@@ -245,12 +250,12 @@ def train_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group('Learning-rate schedule')
     group.add_argument('--sched', default='cosine', help='timm scheduler: cosine, step, multistep, plateau, ...')
-    group.add_argument('--sched-on-updates', action='store_true', help='step the schedule every update, not epoch')
+    group.add_argument('--sched-on-updates', **ON_OFF, help='step the schedule every update, not epoch')
     group.add_argument('--lr', type=float, default=2e-3, help='peak learning rate')
     group.add_argument('--epochs', type=int, default=300, help='epochs of the schedule (cooldown comes on top)')
     group.add_argument('--warmup-epochs', type=int, default=10, help='linear warmup epochs')
     group.add_argument('--warmup-lr', type=float, default=1e-5, help='learning rate at the start of warmup')
-    group.add_argument('--warmup-prefix', action='store_true', help='warmup comes before --epochs, not within')
+    group.add_argument('--warmup-prefix', **ON_OFF, help='warmup comes before --epochs, not within')
     group.add_argument('--min-lr', type=float, default=1e-6, help='lowest learning rate of the schedule')
     group.add_argument('--cooldown-epochs', type=int, default=0,
                        help="epochs at --min-lr after the schedule (timm's default; PosMLP-T's recipe has 10)")
@@ -262,6 +267,8 @@ def train_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group('Augmentation and regularisation')
     group.add_argument('--no-aug', action='store_true', help='no training augmentation')
+    group.add_argument('--aug', dest='no_aug', action='store_false', default=argparse.SUPPRESS,
+                       help="training augmentation, undoing a config's no_aug: true")
     group.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], metavar=('MIN', 'MAX'),
                        help='random-resized-crop area range')
     group.add_argument('--ratio', type=float, nargs=2, default=[3. / 4., 4. / 3.], metavar=('MIN', 'MAX'),
@@ -283,20 +290,21 @@ def train_parser() -> argparse.ArgumentParser:
     group.add_argument('--mixup-mode', default='batch', choices=('batch', 'pair', 'elem'), help='mixup granularity')
     group.add_argument('--mixup-off-epoch', type=int, default=0, help='stop mixing from this epoch (0: never)')
     group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
-    group.add_argument('--bce-loss', action='store_true', help='binary cross-entropy instead of cross-entropy')
+    group.add_argument('--bce-loss', **ON_OFF, help='binary cross-entropy instead of cross-entropy')
 
     group = parser.add_argument_group('Model EMA')
-    group.add_argument('--model-ema', action='store_true', help='keep an exponential moving average of the weights')
+    group.add_argument('--model-ema', **ON_OFF, help='keep an exponential moving average of the weights')
     group.add_argument('--model-ema-decay', type=float, default=0.99992, help='EMA decay per update')
-    group.add_argument('--model-ema-warmup', action='store_true', help='ramp the EMA decay up over early updates')
-    group.add_argument('--best-from-ema', action='store_true',
+    group.add_argument('--model-ema-warmup', **ON_OFF, help='ramp the EMA decay up over early updates')
+    group.add_argument('--best-from-ema', action=argparse.BooleanOptionalAction, default=None,
                        help="rank checkpoints and model_best by the EMA model's eval metric (the weights eval.sh "
-                            "evaluates by default) instead of the live model's")
+                            "evaluates by default); None: on exactly when --model-ema is, as in timm and the "
+                            "authors' code. --no-best-from-ema ranks by the live model")
 
     group = parser.add_argument_group('Precision')
-    group.add_argument('--amp', action='store_true', help='native torch mixed precision')
-    group.add_argument('--native-amp', action='store_true', help='same as --amp')
-    group.add_argument('--apex-amp', action='store_true',
+    group.add_argument('--amp', **ON_OFF, help='native torch mixed precision')
+    group.add_argument('--native-amp', **ON_OFF, help='same as --amp (--no-amp leaves it on)')
+    group.add_argument('--apex-amp', **ON_OFF,
                        help='NVIDIA apex mixed precision when apex is installed, else native AMP (with a warning)')
     group.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'),
                        help='autocast type; on the CPU only bfloat16 autocasts')
@@ -322,7 +330,7 @@ def train_parser() -> argparse.ArgumentParser:
     group.add_argument('--experiment', default='', help='run folder name (default: date-time-model-size)')
     group.add_argument('--eval-metric', default='top1', choices=('top1', 'top5', 'loss'),
                        help='the metric that ranks checkpoints and picks model_best')
-    group.add_argument('--log-wandb', action='store_true', help='also log to Weights & Biases (if installed)')
+    group.add_argument('--log-wandb', **ON_OFF, help='also log to Weights & Biases (if installed)')
     group.add_argument('--max-steps-per-epoch', type=int, default=0, metavar='N',
                        help='stop each epoch after N batches (0: whole epoch); for smoke tests')
     return parser
@@ -365,6 +373,15 @@ def check_opt_betas(parser: argparse.ArgumentParser, args: argparse.Namespace):
                      f'give --opt-betas {info.num_betas} numbers.')
 
 
+def resolve_best_from_ema(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Dict[str, Any]):
+    """Rank checkpoints by the EMA model whenever there is one, unless --no-best-from-ema (or the config's
+    best_from_ema: false) says otherwise; --best-from-ema on the command line without EMA is an error."""
+    if args.best_from_ema is None:
+        args.best_from_ema = args.model_ema and config.get('best_from_ema') is not False
+    elif args.best_from_ema and not args.model_ema:
+        parser.error('--best-from-ema ranks checkpoints by the EMA model, so it needs --model-ema.')
+
+
 def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = train_parser()
     args, config = parse_with_config(parser, argv, CONFIG_HELD_BACK_KEYS)
@@ -382,6 +399,5 @@ def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if not timm.is_model(args.model):
         parser.error(f'--model {args.model}: no such timm model; PosMLP models are posmlp_t/s/b and '
                      f'posmlp_{{t,s,b}}_lrpe/_sgu.')
-    if args.best_from_ema and not args.model_ema:
-        parser.error('--best-from-ema ranks checkpoints by the EMA model, so it needs --model-ema.')
+    resolve_best_from_ema(parser, args, config)
     return args
