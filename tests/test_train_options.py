@@ -141,3 +141,8 @@ def test_model_best_of_an_ema_run_is_the_ema_models(tmp_path, capsys, in_process
         row, = csv.DictReader(f)
     best = torch.load(tmp_path / 'out' / 'ema' / 'model_best.pth.tar', map_location='cpu', weights_only=True)
     assert best['metric'] == float(row['ema_top1'])
+
+
+@pytest.mark.parametrize('recipe', ['posmlp_t', 'posmlp_s', 'posmlp_b'])
+def test_recipes_crop_with_the_authors_aspect_ratios(recipe):
+    assert parse_train_args(['-c', str(CONFIGS / f'{recipe}.yaml'), 'data']).ratio == [0.67, 1.5]
