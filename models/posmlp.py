@@ -314,14 +314,17 @@ class PoSGU(nn.Module):
         self._cached_maps: Optional[torch.Tensor] = None
         self._cache_key: Optional[tuple] = None
 
+    def _positional_tensors(self) -> Iterable[torch.Tensor]:
+        """What the maps are made from: the encoder's parameters and its derived buffers (which
+        `init_non_persistent_buffers` replaces)."""
+        return itertools.chain(self.pos.parameters(), self.pos.buffers())
+
     def _maps_cache_key(self) -> tuple:
         # Identifies the parameters' values without reading them (on a GPU, reading them would make the
         # host wait in every block): in-place updates (optimizer steps, load_state_dict, edits under
         # no_grad) bump a tensor's version, and .to()/.half() give new storage. Edits through `.data`
         # bypass the version counter: call train() or eval() after them, which drops the cache.
-        # The derived buffers count too: `init_non_persistent_buffers` replaces them.
-        tensors = itertools.chain(self.pos.parameters(), self.pos.buffers())
-        return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+        return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in self._positional_tensors())
 
     def maps(self, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The token-mixing maps; reused across calls only when no gradient can flow to them and the
@@ -334,7 +337,7 @@ class PoSGU(nn.Module):
             # A hook on the encoder must run on every call, and must not leave its output cached.
             and not _observed(self.pos.modules())
             # Tensors made under inference_mode keep no version counter.
-            and not any(p.is_inference() for p in self.pos.parameters())
+            and not any(t.is_inference() for t in self._positional_tensors())
         )
         if not cacheable:
             return self.pos(invalid_tokens)

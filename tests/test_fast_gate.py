@@ -220,6 +220,13 @@ def test_model_made_in_inference_mode_runs_and_follows_its_weights():
         built.load_state_dict(reference.state_dict())
         assert (built(x) - reference(x)).abs().max() <= 1e-4
 
+    # Loaded under inference_mode, a normally built model gets inference-mode derived buffers.
+    built = timm.create_model('posmlp_t', gate_impl='fast', **KWARGS).eval()
+    with torch.inference_mode():
+        built.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        assert (built(x) - reference(x)).abs().max() <= 1e-4
+
 
 @pytest.mark.parametrize('gate', ['gqpe', 'lrpe'])
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float64])
