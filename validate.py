@@ -50,7 +50,9 @@ def validate_parser() -> argparse.ArgumentParser:
                         help='validation split folder (one folder per class), or a root with val/ or validation/')
     parser.add_argument('--data-dir', default='', metavar='DIR', help='same as DIR')
     parser.add_argument('--dataset', default='', help="'' for an image folder, or a timm dataset spec")
-    parser.add_argument('--split', default='validation', help='split of a timm dataset spec')
+    parser.add_argument('--split', default='validation',
+                        help="split to evaluate: a timm dataset spec's split, or the subfolder of an image-folder "
+                             "root (the default takes val/ or validation/)")
     parser.add_argument('--checkpoint', required=True, metavar='PATH',
                         help="a checkpoint of this project's train.py or the authors' release")
     parser.add_argument('--class-map', default='', metavar='FILE',
@@ -158,7 +160,7 @@ def validate(args) -> dict:
 
     data_dir = args.data_dir
     if not args.dataset:
-        data_dir = evaluation_folder(data_dir)
+        data_dir = evaluation_folder(data_dir, args.split)
     loaded = models.read_checkpoint(args.checkpoint, use_ema=args.use_ema)
     model = models.create_model_from_checkpoint(loaded, model_name=args.model, **args.model_kwargs)
     if loaded.weights == 'state_dict_ema':

@@ -17,7 +17,7 @@ from conftest import (
 import models
 import train
 import validate
-from utils.data import create_eval_transform, resolve_input_config
+from utils.data import DataError, create_eval_transform, create_training_datasets, resolve_input_config
 
 
 pytestmark = pytest.mark.usefixtures('in_process_run')
@@ -292,3 +292,36 @@ def test_a_class_folder_missing_from_the_class_map_is_named(tmp_path, capsys):
     assert validate.main([str(data), '--checkpoint', str(checkpoint), '-j', '0']) == 1
     out = capsys.readouterr().out
     assert 'has class folders that the class_to_idx of' in out and 'lacks: zebra' in out
+
+
+def test_validate_split_option_picks_the_image_folder_split(tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'data', per_class=1, splits=('train', 'val'))
+    make_image_folder(tmp_path / 'data', per_class=2, splits=('test',))
+    checkpoint = save_tiny_checkpoint(tmp_path / 'tiny.pth.tar')
+    for split, images in (('validation', 3), ('test', 6)):
+        assert validate.main([str(data), '--split', split, '--checkpoint', str(checkpoint), '-j', '0']) == 0
+        assert printed_results(capsys.readouterr().out)['images'] == images
+    assert validate.main([str(data), '--split', 'holdout', '--checkpoint', str(checkpoint), '-j', '0']) == 1
+    assert 'has no holdout/ (the split asked for)' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('present', [('train', 'test'), ('train', 'val', 'test')])
+def test_training_val_split_picks_the_image_folder_split(tmp_path, present):
+    root = make_image_folder(tmp_path / 'data', per_class=1, splits=present)
+    _, val_set = create_training_datasets('', str(root), 'train', 'test', None)
+    assert val_set.reader.root == str(root / 'test')
+
+
+def test_images_without_class_folders_are_named(tmp_path, capsys):
+    root = make_image_folder(tmp_path / 'data', per_class=1, splits=('train', 'val'))
+    for image in (root / 'val').glob('*/*.png'):
+        image.rename(root / 'val' / image.name)
+    for folder in (root / 'val').iterdir():
+        if folder.is_dir():
+            folder.rmdir()
+    with pytest.raises(DataError, match=r'holds images directly; they need one subfolder per class'):
+        create_training_datasets('', str(root), 'train', 'validation', None)
+    checkpoint = save_tiny_checkpoint(tmp_path / 'tiny.pth.tar')
+    make_image_folder(tmp_path / 'data', per_class=1, splits=('val',))  # class folders beside the loose images
+    assert validate.main([str(root), '--checkpoint', str(checkpoint), '-j', '0']) == 1
+    assert f'{root / "val"}/<class>/<image>' in capsys.readouterr().out

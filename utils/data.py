@@ -46,25 +46,41 @@ def require_dir(path: str) -> str:
     return path
 
 
-def folder_splits(root: str, train_split: str = 'train') -> Tuple[str, str]:
+def _eval_split_dir(root: str, split: str) -> Optional[str]:
+    """root/split; for the default names (val, validation) whichever of root/val and root/validation exists."""
+    names = EVAL_SPLIT_NAMES if split in EVAL_SPLIT_NAMES else (split,)
+    return next((os.path.join(root, s) for s in names if os.path.isdir(os.path.join(root, s))), None)
+
+
+def _split_label(split: str) -> str:
+    return 'val/ (or validation/)' if split in EVAL_SPLIT_NAMES else f'{split}/'
+
+
+def folder_splits(root: str, train_split: str = 'train', val_split: str = 'validation') -> Tuple[str, str]:
     """The training and validation folders of an ImageNet-style root."""
     require_dir(root)
     train_dir = os.path.join(root, train_split)
-    val_dir = next((os.path.join(root, s) for s in EVAL_SPLIT_NAMES if os.path.isdir(os.path.join(root, s))), None)
+    val_dir = _eval_split_dir(root, val_split)
     missing = [name for name, present in ((f'{train_split}/', os.path.isdir(train_dir)),
-                                          ('val/ (or validation/)', val_dir is not None)) if not present]
+                                          (_split_label(val_split), val_dir is not None)) if not present]
     if missing:
         raise DataError(f'data dir {root} has no {" and ".join(missing)}; found: {_listing(root)}. '
                         f'Expected layout: {LAYOUT.format(root=root)}.')
     return train_dir, val_dir
 
 
-def evaluation_folder(path: str) -> str:
-    """A validation split folder, given either the split itself or a root that holds val/ or validation/."""
+def evaluation_folder(path: str, split: str = 'validation') -> str:
+    """The split folder to evaluate, given either the split itself or a root that holds it.
+
+    `split` is a subfolder name; the default (val or validation) takes whichever of the two exists.
+    """
     require_dir(path)
-    for name in EVAL_SPLIT_NAMES:
-        if os.path.isdir(os.path.join(path, name)):
-            return os.path.join(path, name)
+    split_dir = _eval_split_dir(path, split)
+    if split_dir is not None:
+        return split_dir
+    if split not in EVAL_SPLIT_NAMES and os.path.basename(os.path.normpath(path)) != split:
+        raise DataError(f'{path} has no {split}/ (the split asked for); found: {_listing(path)}. Give the root '
+                        f'that holds {split}/, or the {split}/ folder itself.')
     subdirs = [e for e in os.listdir(path) if os.path.isdir(os.path.join(path, e))]
     if not subdirs or 'train' in subdirs:
         raise DataError(f'{path} is neither a validation split (one folder of images per class) nor a root '
@@ -183,6 +199,10 @@ def create_split_dataset(name: str, root: str, split: str, max_bad_images: Optio
         dataset = create_dataset('', root=root, search_split=False, class_map=class_map)
     except RuntimeError as e:  # timm: no images found
         raise DataError(f'{e} Expected layout: {LAYOUT.format(root=os.path.dirname(root) or root)}.') from None
+    if '' in (class_to_idx(dataset) or {}):  # timm names the class of images lying in `root` itself ''
+        raise DataError(f'{root} holds images directly; they need one subfolder per class, {root}/<class>/<image> '
+                        f'(the layout of torchvision\'s ImageFolder). Expected layout: '
+                        f'{LAYOUT.format(root=os.path.dirname(root) or root)}.')
     if max_bad_images is None:
         max_bad_images = max(1, len(dataset) // 100)
     return UnreadableImageSkipper(dataset, max_bad_images, substitute=split == 'train')
@@ -219,7 +239,7 @@ def create_training_datasets(name: str, root: str, train_split: str, val_split: 
         require_dir(root)
         return (create_split_dataset(name, root, train_split, max_bad_images),
                 create_split_dataset(name, root, val_split, max_bad_images))
-    train_dir, val_dir = folder_splits(root, train_split)
+    train_dir, val_dir = folder_splits(root, train_split, val_split)
     train_set = create_split_dataset('', train_dir, 'train', max_bad_images)
     val_set = create_split_dataset('', val_dir, 'validation', max_bad_images)
     train_classes, val_classes = class_to_idx(train_set), class_to_idx(val_set)
