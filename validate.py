@@ -12,6 +12,7 @@ is evaluated exactly once, so the numbers equal those of one process.
 """
 import argparse
 import csv
+import difflib
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import sys
 import time
 from typing import Optional
 
+import timm
 import torch
 from timm.data.readers.class_map import load_class_map
 from timm.utils import ParseKwargs
@@ -40,6 +42,9 @@ _logger = logging.getLogger('validate')
 
 DATA_OPTIONS = ('input_size', 'img_size', 'in_chans', 'crop_pct', 'crop_mode', 'mean', 'std', 'interpolation')
 RESULT_FORMATS = ('.csv', '.json')
+# The resize filters timm's evaluation transform knows by name.
+INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
+CROP_MODES = ('center', 'squash', 'border')
 
 
 def validate_parser() -> argparse.ArgumentParser:
@@ -76,8 +81,8 @@ def validate_parser() -> argparse.ArgumentParser:
     parser.add_argument('--img-size', type=int, default=None, help='input image size')
     parser.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'), help='input size')
     parser.add_argument('--crop-pct', type=float, default=None, help='center-crop fraction')
-    parser.add_argument('--crop-mode', default=None, help='center, squash or border')
-    parser.add_argument('--interpolation', default=None, help='resize interpolation')
+    parser.add_argument('--crop-mode', default=None, choices=CROP_MODES, help='how the image is fit to the crop')
+    parser.add_argument('--interpolation', default=None, choices=INTERPOLATIONS, help='resize interpolation')
     parser.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean')
     parser.add_argument('--std', type=float, nargs='+', default=None, help='normalisation std')
     parser.add_argument('--max-bad-images', type=int, default=None, metavar='N',
@@ -218,6 +223,24 @@ def validate(args) -> dict:
     return results
 
 
+def check_input_options(parser: argparse.ArgumentParser, args):
+    """Stop with the option named when the model, input size or device cannot be used (not a traceback later)."""
+    if args.model and not timm.is_model(args.model):
+        close = difflib.get_close_matches(args.model, timm.list_models(), n=3, cutoff=0.6)
+        suggestion = f'did you mean {", ".join(close)}? ' if close else ''
+        parser.error(f'--model {args.model}: no such model; {suggestion}'
+                     f'or leave --model out to build the one the checkpoint describes.')
+    if args.img_size is not None and args.img_size < 1:
+        parser.error(f'--img-size must be 1 or more, not {args.img_size}.')
+    if args.input_size is not None and min(args.input_size) < 1:
+        parser.error(f'--input-size values must be 1 or more, not {" ".join(map(str, args.input_size))}.')
+    if args.device:
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            parser.error(f'--device {args.device}: not a device; give cpu, cuda or cuda:N.')
+
+
 def main(argv=None) -> int:
     parser = validate_parser()
     args = parser.parse_args(argv)
@@ -229,6 +252,7 @@ def main(argv=None) -> int:
     if not (args.data_dir or args.dataset):
         parser.error('give the data folder to evaluate on (DIR or --data-dir).')
     check_integer_minimums(parser, args)
+    check_input_options(parser, args)
     return run_script(validate, args, (DataError, CheckpointError, OptionError), _logger)
 
 

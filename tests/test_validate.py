@@ -229,6 +229,12 @@ def test_bad_input_is_named(tmp_path, capsys, case, message):
     (['a', '--log-interval', '0'], '--log-interval must be 1 or more, not 0.'),
     (['a', '--max-bad-images', '-1'], '--max-bad-images must be 0 or more, not -1; 0 stops at the first'),
     (['a', '--threads', '-2'], "--threads must be 0 or more, not -2; 0 uses torch's default."),
+    (['a', '--interpolation', 'foo'], "--interpolation: invalid choice: 'foo'"),
+    (['a', '--crop-mode', 'foo'], "--crop-mode: invalid choice: 'foo'"),
+    (['a', '--img-size', '0'], '--img-size must be 1 or more, not 0.'),
+    (['a', '--input-size', '3', '0', '32'], '--input-size values must be 1 or more, not 3 0 32.'),
+    (['a', '--model', 'posmlp_tt'], '--model posmlp_tt: no such model; did you mean posmlp_t'),
+    (['a', '--device', 'foo'], '--device foo: not a device; give cpu, cuda or cuda:N.'),
 ])
 def test_bad_options_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
