@@ -39,6 +39,7 @@ from timm.utils import ParseKwargs
 from torch.utils.flop_counter import FlopCounterMode
 
 import models  # noqa: F401  (registers PosMLP with timm)
+from utils.amp import DEFAULT_AMP_DTYPE
 
 MODES = ('infer', 'train')
 DTYPE_NAMES = {
@@ -46,7 +47,6 @@ DTYPE_NAMES = {
     'bfloat16': 'bfloat16', 'bf16': 'bfloat16',
     'float16': 'float16', 'fp16': 'float16', 'half': 'float16',
 }
-DEFAULT_AMP_DTYPE = {'cpu': 'bfloat16', 'cuda': 'float16'}
 RESULT_FORMATS = ('.csv', '.json')
 TABLE_COLUMNS = (
     ('model', 'model'), ('setting', 'setting'), ('mode', 'mode'), ('batch', 'batch_size'),

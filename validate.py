@@ -28,7 +28,7 @@ from timm.utils import ParseKwargs
 
 import models
 from models import CheckpointError
-from utils.amp import resolve_precision
+from utils.amp import DEFAULT_AMP_DTYPE, resolve_precision
 from utils.args import OptionError, check_integer_minimums, resolve_data_root
 from utils.data import (
     DataError, build_loader, class_to_idx, create_eval_transform, create_split_dataset, evaluation_folder,
@@ -75,8 +75,8 @@ def validate_parser() -> argparse.ArgumentParser:
     parser.add_argument('-j', '--workers', type=int, default=min(4, os.cpu_count() or 1),
                         help='data loading processes per process')
     parser.add_argument('--amp', action='store_true', help='native torch mixed precision')
-    parser.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'),
-                        help='autocast type; on the CPU only bfloat16 autocasts')
+    parser.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'),
+                        help='autocast type; implies --amp (default: bfloat16 on the CPU, float16 on CUDA)')
     parser.add_argument('--channels-last', action='store_true', help='channels_last memory layout')
     parser.add_argument('--img-size', type=int, default=None, help='input image size')
     parser.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'), help='input size')
@@ -197,7 +197,9 @@ def validate(args) -> dict:
     model.to(runtime.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    _, _, precision = resolve_precision(runtime.device, amp=args.amp, amp_dtype=args.amp_dtype)
+    amp = args.amp or args.amp_dtype is not None  # naming the type asks for it, as in benchmark.py
+    amp_dtype = args.amp_dtype or DEFAULT_AMP_DTYPE.get(runtime.device.type, 'float16')
+    _, _, precision = resolve_precision(runtime.device, amp=amp, amp_dtype=amp_dtype)
     start = time.time()
     metrics = evaluate(model, loader, runtime, precision.autocast, args.channels_last, args.log_interval, 'Test')
     elapsed = time.time() - start

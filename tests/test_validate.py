@@ -17,6 +17,7 @@ from conftest import (
 import models
 import train
 import validate
+from utils.amp import resolve_precision
 from utils.data import DataError, create_eval_transform, create_training_datasets, resolve_input_config
 
 
@@ -331,3 +332,22 @@ def test_images_without_class_folders_are_named(tmp_path, capsys):
     make_image_folder(tmp_path / 'data', per_class=1, splits=('val',))  # class folders beside the loose images
     assert validate.main([str(root), '--checkpoint', str(checkpoint), '-j', '0']) == 1
     assert f'{root / "val"}/<class>/<image>' in capsys.readouterr().out
+
+
+def test_float16_autocasts_on_the_cpu():
+    _, _, precision = resolve_precision(torch.device('cpu'), amp=True, amp_dtype='float16')
+    with precision.autocast():
+        assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float16
+    assert precision.description == 'native AMP (float16)' and precision.loss_scaler is not None
+
+
+@pytest.mark.parametrize('extra, description', [
+    (['--amp'], 'native AMP (bfloat16)'),  # the CPU's default type, as in benchmark.py
+    (['--amp-dtype', 'float16'], 'native AMP (float16)'),  # the type alone asks for AMP
+    ([], 'float32'),
+])
+def test_amp_options_on_the_cpu(tmp_path, capsys, extra, description):
+    data = make_image_folder(tmp_path / 'data', per_class=1, splits=('val',))
+    checkpoint = save_tiny_checkpoint(tmp_path / 'tiny.pth.tar')
+    assert validate.main([str(data), '--checkpoint', str(checkpoint), '--device', 'cpu', '-j', '0', *extra]) == 0
+    assert f'img/s, {description}, 1 process(es)' in capsys.readouterr().out
