@@ -665,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help='keyword arguments for every model; an entry\'s own KEY=VALUE wins')
     parser.add_argument('--bench', choices=('infer', 'train', 'both'), default='both',
                         help='what to time (default: both)')
-    parser.add_argument('--batch-size', type=int, default=32, help='images per step (default: 32)')
+    parser.add_argument('-b', '--batch-size', type=int, default=32, help='images per step (default: 32)')
     parser.add_argument('--img-size', type=int, default=None,
                         help='square input side (default: each model\'s own input size)')
     parser.add_argument('--device', default=None, help='cpu, cuda or cuda:N (default: cuda if available, else cpu)')

@@ -209,3 +209,7 @@ def test_bad_arguments_name_the_problem(args, problem, capsys):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.parse_args(args)
     assert exit_info.value.code == 2 and problem in capsys.readouterr().err
+
+
+def test_b_is_short_for_batch_size():
+    assert benchmark.parse_args(['--model', 'posmlp_t', '-b', '7'])[2].batch_size == 7
