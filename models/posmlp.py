@@ -112,10 +112,13 @@ def _descendants(module: nn.Module) -> Iterable[nn.Module]:
     return (m for m in module.modules() if m is not module)
 
 
-def _graph_capture() -> bool:
-    """Under torch.compile/export or torch.jit.trace, a graph of the model is being recorded: the eager-only
-    shortcuts (cached maps, folded stem, the hand-written autograd Function) would be baked in or break it."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+def _plain_ops_only() -> bool:
+    """Whether the eager-only shortcuts (cached maps, folded stem, in-place and out= ops, the hand-written
+    autograd Function) must give way to plain ops. Under torch.compile/export or torch.jit.trace a graph
+    of the model is being recorded, which would bake them in or break on them; under torch.func transforms
+    (vmap, grad, jacrev, functional_call ensembles) tensors are wrapped, without data pointers of their own
+    and without batching rules for out= ops."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
 
 
 def _is_exact_gelu(module: nn.Module) -> bool:
@@ -273,13 +276,19 @@ class GeluGateFn(torch.autograd.Function):
         activated = F.gelu(h)
         u, v = activated.chunk(2)
         mixed = mix_groups_channel_major(u, maps, bias, num_windows=1)
-        ctx.save_for_backward(h, activated, mixed, maps)
-        ctx.bias_shape = bias.shape
+        ctx.save_for_backward(h, activated, mixed, maps, bias)
         return mixed * v
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        h, activated, mixed, maps = ctx.saved_tensors
+        h, activated, mixed, maps, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward): the plain ops' backward, which autograd can differentiate.
+            u, v = F.gelu(h).chunk(2)
+            out = mix_groups_channel_major(u, maps, bias, num_windows=1) * v
+            wanted = [t for t, needed in zip((h, maps, bias), ctx.needs_input_grad) if needed]
+            grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
+            return tuple(next(grads) if needed else None for needed in ctx.needs_input_grad)
         gamma, N = maps.shape[0], maps.shape[-1]
         u, v = activated.chunk(2)
         grad_mixed = (grad_out * v).view(gamma, -1, N)
@@ -291,7 +300,7 @@ class GeluGateFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_maps = torch.bmm(grad_mixed.transpose(1, 2), u.view(gamma, -1, N))
         if ctx.needs_input_grad[2]:
-            grad_bias = grad_mixed.sum((0, 1)).view(ctx.bias_shape)
+            grad_bias = grad_mixed.sum((0, 1)).view(bias.shape)
         torch.ops.aten.gelu_backward.grad_input(grad_h, h, grad_input=grad_h)
         return grad_h, grad_maps, grad_bias
 
@@ -333,7 +342,7 @@ class PoSGU(nn.Module):
             invalid_tokens is None
             and not self.training
             and not torch.is_grad_enabled()
-            and not _graph_capture()
+            and not _plain_ops_only()
             # A hook on the encoder must run on every call, and must not leave its output cached.
             and not _observed(self.pos.modules())
             # Tensors made under inference_mode keep no version counter.
@@ -367,10 +376,11 @@ class PoSGU(nn.Module):
         Where autograd is off, h is overwritten: nothing else needs it, and fresh buffers cost time.
         On CPU, with maps shared by all windows, the result is written over h's first half too.
         Under graph capture the plain ops are recorded, whatever the grad mode (torch.compile fuses them
-        itself; a trace must be the same graph with and without autograd)."""
+        itself; a trace must be the same graph with and without autograd); torch.func transforms get
+        them too (see `_plain_ops_only`)."""
         maps = self.maps(invalid_tokens).to(h.dtype)
         bias = self.token_bias.to(h.dtype)
-        if _graph_capture():
+        if _plain_ops_only():
             u, v = F.gelu(h).chunk(2)
             return mix_groups_channel_major(u, maps, bias, num_windows) * v
         hand_fused = maps.dim() == 3  # the hand-fused forms need maps shared by all windows
@@ -475,7 +485,7 @@ class PosMLPBlock(nn.Module):
         # Dropout and drop path are identities in eval; in-place ops do not autocast, so the dtypes must
         # agree. The normalised tokens are dead after fc1: their buffer takes the output.
         same_dtype = x.dtype == tokens.dtype == y.dtype == fc2_weight.dtype
-        if not torch.is_grad_enabled() and not self.training and same_dtype and not _graph_capture():
+        if not torch.is_grad_enabled() and not self.training and same_dtype and not _plain_ops_only():
             out = torch.add(x.reshape(-1, C), self.fc2.bias, out=tokens)
             return out.addmm_(y, fc2_weight).view(B, nW, N, C)
         y = torch.addmm(self.fc2.bias, y, fc2_weight).view(B, nW, N, C)
@@ -526,7 +536,7 @@ class ConvStem(nn.Module):
         """Folding needs no autograd and BatchNorms that normalise with running statistics (eval mode,
         statistics tracked); like the fast block, it runs only for the stem's own, unobserved modules."""
         # torch.compile cannot trace fuse_conv_bn_weights, which returns nn.Parameters.
-        if torch.is_grad_enabled() or _graph_capture():
+        if torch.is_grad_enabled() or _plain_ops_only():
             return False
         norms = (self.norm1, self.norm2, self.norm3)
         plain_convs = all(type(conv) is nn.Conv2d for conv in (self.conv1, self.conv2, self.conv3))

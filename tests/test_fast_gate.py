@@ -355,3 +355,48 @@ def test_model_built_on_meta_device_loads_exactly(gate, impl):
         model(x)
         assert reinit_non_persistent_buffers(model)
         torch.testing.assert_close(model(x), expected, atol=0, rtol=0)
+
+
+def test_hand_written_gate_backward_is_differentiable():
+    torch.manual_seed(0)
+    gamma, N = 3, 5
+    h = torch.randn(2 * 2 * gamma, 2 * N, dtype=torch.float64)
+    maps = torch.randn(gamma, N, N, dtype=torch.float64).softmax(-1)
+    bias = torch.randn(1, N, 1, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (h, maps, bias)]
+    assert torch.autograd.gradgradcheck(GeluGateFn.apply, inputs)
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_double_backward_follows_reference(training):
+    """Input-gradient penalties differentiate the backward itself (create_graph=True)."""
+    fast, reference = perturbed_pair()
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for model in (fast, reference):
+        model.train(training)
+        inputs = x.clone().requires_grad_()
+        input_grad, = torch.autograd.grad(model(inputs).square().sum(), inputs, create_graph=True)
+        input_grad.square().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    floor = 1e-3 * torch.stack([g.norm() for g in grads[1].values()]).norm()
+    for name, grad in grads[0].items():
+        assert relative_error(grad, grads[1][name], floor) < 1e-4, name
+
+
+def test_torch_func_transforms_follow_reference():
+    """vmap, jacrev and functional ensembles wrap tensors: the fast model must run them as the reference
+    does (BatchNorm's running statistics keep the stem to eval mode under these transforms)."""
+    fast, reference = perturbed_pair()
+    x = torch.randn(2, 3, 64, 64)
+    results = []
+    for model in (fast.eval(), reference.eval()):
+        with torch.no_grad():
+            batched = torch.func.vmap(model)(x[:, None])
+        jacobian = torch.func.jacrev(model)(x[:1])
+        params, buffers = torch.func.stack_module_state([model, model])
+        ensemble = torch.func.vmap(lambda p, b: torch.func.functional_call(model, (p, b), (x,)))(params, buffers)
+        results.append((batched, jacobian, ensemble))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
