@@ -2,6 +2,7 @@
 import csv
 import json
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -351,3 +352,17 @@ def test_amp_options_on_the_cpu(tmp_path, capsys, extra, description):
     checkpoint = save_tiny_checkpoint(tmp_path / 'tiny.pth.tar')
     assert validate.main([str(data), '--checkpoint', str(checkpoint), '--device', 'cpu', '-j', '0', *extra]) == 0
     assert f'img/s, {description}, 1 process(es)' in capsys.readouterr().out
+
+
+def test_folders_lacking_classes_are_labelled_as_in_training(trained_run, tmp_path, capsys):
+    """train.py stores its class_to_idx: the correct images of two parts of val/ add up to those of the whole."""
+    data, run = trained_run
+    correct = {}
+    for part, kept in (('whole', 'abc'), ('a', 'a'), ('bc', 'bc')):
+        folder = tmp_path / part
+        for name in kept:
+            shutil.copytree(data / 'val' / name, folder / name)
+        assert validate.main([str(folder), '--checkpoint', str(run / 'last.pth.tar'), '-j', '0']) == 0
+        results = printed_results(capsys.readouterr().out)
+        correct[part] = round(results['top1'] * results['images'] / 100)
+    assert correct['whole'] == correct['a'] + correct['bc']
