@@ -1,7 +1,8 @@
 """Data for training and validation: where the splits are, reading images, transforms and loaders.
 
 Image folders follow the ImageNet layout (`train/` and `val/` or `validation/`, or the split folder
-named by --val-split / validate.py's --split, one folder of images per class); any other timm dataset spec (`--dataset torch/cifar10`, `hfds/...`) goes to timm as is.
+named by --val-split / validate.py's --split, one folder of images per class); any other timm
+dataset spec (`--dataset torch/cifar10`, `hfds/...`) goes to timm as is.
 Images that cannot be decoded are skipped with a warning and counted (training reads the next image
 instead, evaluation leaves them out); too many, over all processes, stop the run.
 """
