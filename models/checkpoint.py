@@ -98,7 +98,7 @@ def select_state_dict(checkpoint: Any, use_ema: Optional[bool] = None) -> tuple:
     live_key = next((k for k in ('state_dict', 'model') if isinstance(checkpoint.get(k), dict)), None)
     if use_ema and ema_key is None:
         raise CheckpointError('EMA weights were asked for, but the checkpoint has none (no state_dict_ema); '
-                              'drop --use-ema to use its live weights.')
+                              'use its live weights with use_ema=None or False (validate.py: leave out --use-ema).')
     if ema_key is not None and use_ema is not False:
         return checkpoint[ema_key], ema_key
     if live_key is not None:
@@ -148,8 +148,9 @@ def infer_model_kwargs(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
     """The architecture arguments of PosMLP that a state dict (project names) was made with."""
     stages = _stage_indices(state_dict, r'stages\.(\d+)\.blocks\.')
     if not stages or 'stem.conv1.weight' not in state_dict:
-        raise CheckpointError('these weights are not a PosMLP model (no stem.conv1 / stages.*.blocks.* '
-                              'after adapting names); pass --model for another architecture.')
+        raise CheckpointError('these weights are not a PosMLP model (no stem.conv1 / stages.*.blocks.* after '
+                              'adapting names) and the checkpoint records no model name; pass model_name '
+                              '(validate.py: --model) and the arguments of the model they were made for.')
     kw = dict(embed_dims=[], depths=[], mlp_ratio=[], gamma=[], win_size=[])
     gate, generalized = 'gqpe', True
     for i in stages:
@@ -197,42 +198,81 @@ def _listing(keys, limit=6):
     return ', '.join(keys[:limit]) + (f' ... ({len(keys)} in all)' if len(keys) > limit else '')
 
 
+# What a mismatch hint says when the caller knows no better (train.py --initial-checkpoint builds its --model).
+BUILD_MATCHING_MODEL = ('Build the model the checkpoint was made for (train.py: the --model and --model-kwargs '
+                        'it was trained with).')
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple:
+    """Key prefixes of the model's classifier, as timm records it ('head' for PosMLP, 'fc' for ResNets)."""
+    names = getattr(model, 'pretrained_cfg', {}).get('classifier') or 'head'
+    return tuple(f'{name}.' for name in ((names,) if isinstance(names, str) else names))
+
+
 def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str = 'checkpoint',
-                 finetune: bool = False):
+                 finetune: bool = False, hint: str = BUILD_MATCHING_MODEL):
     """Load weights strictly; a head of another class count is reset (with a warning) only if finetune.
 
     A model without a head (num_classes=0, a backbone) takes all weights but the head's, as in timm.
+    The body is checked before the head, so a model of another architecture is named as such (`hint`
+    says how to build the right one) rather than as another class count.
     """
     state_dict = checkpoint_filter_fn(state_dict, model)
     own = model.state_dict()
-    head_keys = [k for k in ('head.weight', 'head.bias') if k in state_dict]
-    if not any(k.startswith('head.') for k in own):
-        state_dict = {k: v for k, v in state_dict.items() if k not in head_keys}
-        head_keys = []
-    head_differs = any(k not in own or own[k].shape != state_dict[k].shape for k in head_keys)
-    if head_differs:
-        theirs = state_dict['head.weight'].shape[0] if 'head.weight' in state_dict else 0
-        if not finetune:
-            raise CheckpointError(
-                f'{source} has a {theirs}-class head but the model has {getattr(model, "num_classes", "?")} '
-                f'classes. To fine-tune, load it with finetune=True (train.py --initial-checkpoint does) and the '
-                f'head is re-initialised; to evaluate, build the model with num_classes={theirs}.')
-        _logger.warning(f'{source}: {theirs}-class head dropped; the new head of {model.num_classes} '
-                        f'classes starts from its initialisation (fine-tuning).')
-        state_dict = {k: v for k, v in state_dict.items() if k not in head_keys}
-    missing = [k for k in own if k not in state_dict and not (head_differs and k.startswith('head.'))]
-    unexpected = [k for k in state_dict if k not in own]
+    head = _classifier_prefixes(model)
+    if not any(k.startswith(head) for k in own):
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(head)}
+
+    def in_body(key):
+        return not key.startswith(head)
+
+    missing = [k for k in own if k not in state_dict and in_body(k)]
+    unexpected = [k for k in state_dict if k not in own and in_body(k)]
     mismatched = [f'{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}'
-                  for k in state_dict if k in own and state_dict[k].shape != own[k].shape]
+                  for k in state_dict if k in own and in_body(k) and state_dict[k].shape != own[k].shape]
     if missing or unexpected or mismatched:
         parts = [f'missing keys: {_listing(missing)}' if missing else '',
                  f'unexpected keys: {_listing(unexpected)}' if unexpected else '',
                  f'shape mismatches (checkpoint vs model): {_listing(mismatched, 3)}' if mismatched else '']
         raise CheckpointError(
             f'{source} does not fit this model ({type(model).__name__}); it was made for another architecture. '
-            + '; '.join(p for p in parts if p)
-            + '. Leave out --model to build the architecture the checkpoint describes, or pick the matching one.')
-    model.load_state_dict(state_dict, strict=not head_differs)
+            + '; '.join(p for p in parts if p) + f'. {hint}')
+
+    own_head = {k: v.shape for k, v in own.items() if not in_body(k)}
+    their_head = {k: v.shape for k, v in state_dict.items() if not in_body(k)}
+    if own_head != their_head:
+        own_weight = next((shape for k, shape in own_head.items() if k.endswith('.weight')), None)
+        their_weight = next((shape for k, shape in their_head.items() if k.endswith('.weight')), None)
+        theirs = their_weight[0] if their_weight is not None else 0
+        if not finetune:
+            if own_weight is not None and their_weight is not None and own_weight[1:] != their_weight[1:]:
+                raise CheckpointError(
+                    f'{source} does not fit this model ({type(model).__name__}): its classifier takes '
+                    f'{tuple(their_weight[1:])} features but the model\'s takes {tuple(own_weight[1:])} '
+                    f'(classifier weight {tuple(their_weight)} vs {tuple(own_weight)}); it was made for another '
+                    f'architecture. {hint}')
+            raise CheckpointError(
+                f'{source} has a {theirs}-class head but the model has {getattr(model, "num_classes", "?")} '
+                f'classes. To fine-tune, load it with finetune=True (train.py --initial-checkpoint does) and the '
+                f'head is re-initialised; to evaluate, build the model with num_classes={theirs}.')
+        _logger.warning(f'{source}: {theirs}-class head dropped; the new head of {model.num_classes} '
+                        f'classes starts from its initialisation (fine-tuning).')
+        state_dict = {k: v for k, v in state_dict.items() if in_body(k)}
+        model.load_state_dict(state_dict, strict=False)
+    else:
+        model.load_state_dict(state_dict)
+
+
+def _described_model(checkpoint: LoadedCheckpoint) -> tuple:
+    """(timm name, model arguments) of the model a checkpoint describes: the ones it records, else the PosMLP
+    its weights show (the authors' checkpoints record none); (None, {}) when it describes none."""
+    if checkpoint.model_name and timm.is_model(checkpoint.model_name):
+        return checkpoint.model_name, dict(checkpoint.model_kwargs)
+    try:
+        inferred = infer_model_kwargs(checkpoint.state_dict)
+    except CheckpointError:
+        return None, {}
+    return _registered_name(inferred), dict(checkpoint.model_kwargs, **inferred)
 
 
 def create_model_from_checkpoint(
@@ -246,23 +286,33 @@ def create_model_from_checkpoint(
 
     Args:
         checkpoint: a path, or a `LoadedCheckpoint` from `read_checkpoint`.
-        model_name: a timm model name; when None, the one the checkpoint names (else the PosMLP variant
-            its widths and gate match), with the architecture read off its weights (so the authors'
-            checkpoints need no name).
+        model_name: a timm model name; when None (or the name the checkpoint records), the model the
+            checkpoint describes: the name and arguments it records, else the PosMLP variant its weights
+            show (so the authors' checkpoints need no name).
         use_ema: True for EMA weights, False for live ones, None for EMA when present.
         finetune: allow a different `num_classes` (in kwargs): the head is then re-initialised.
-        kwargs: more model arguments (e.g. num_classes, drop_path_rate, gate_impl).
+        kwargs: more model arguments (e.g. num_classes, drop_path_rate, gate_impl), over the recorded ones.
     """
     if not isinstance(checkpoint, LoadedCheckpoint):
         checkpoint = read_checkpoint(checkpoint, use_ema)
-    if model_name is None:
-        inferred = infer_model_kwargs(checkpoint.state_dict)
-        model_kwargs = dict(checkpoint.model_kwargs, **inferred)
-        model_name = checkpoint.model_name if timm.is_model(checkpoint.model_name or '') else _registered_name(inferred)
-        model_kwargs.update(kwargs)
+    described_name, described_kwargs = _described_model(checkpoint)
+    if model_name is None and described_name is None:
+        if checkpoint.model_name:
+            raise CheckpointError(
+                f'{checkpoint.path} was made with model {checkpoint.model_name!r}, which timm does not know: import '
+                f'the module that registers it first, or pass model_name (validate.py: --model) and its arguments.')
+        infer_model_kwargs(checkpoint.state_dict)  # raises, saying why the weights are no PosMLP
+    model_name = model_name or described_name
+    model_kwargs = dict(described_kwargs if model_name == described_name else {}, **kwargs)
+    if model_name != described_name and described_name:
+        hint = (f'Leave model_name out (validate.py: --model) to build the {described_name} the checkpoint '
+                f'describes, or pick the matching one.')
     else:
-        model_kwargs = dict(kwargs)
+        changed = sorted(k for k, v in kwargs.items() if k not in described_kwargs or described_kwargs[k] != v)
+        hint = (f'The arguments {", ".join(changed)} (validate.py: --model-kwargs) change the architecture the '
+                f'checkpoint describes; leave them out.' if changed else
+                f'Pass model_name (validate.py: --model) and the arguments of the model it was made for.')
     model = timm.create_model(model_name, **model_kwargs)
-    load_weights(model, checkpoint.state_dict, f'{checkpoint.path} ({checkpoint.weights})', finetune)
+    load_weights(model, checkpoint.state_dict, f'{checkpoint.path} ({checkpoint.weights})', finetune, hint)
     _logger.info(f'Loaded {checkpoint.weights} weights of {checkpoint.path} into {model_name}.')
     return model

@@ -319,6 +319,47 @@ def test_headless_backbone_takes_all_weights_but_the_head(tmp_path, caplog, fine
     assert 'head' not in caplog.text
 
 
+def test_checkpoint_of_another_timm_model_is_built_by_its_recorded_name(tmp_path):
+    model = timm.create_model('test_resnet', num_classes=10).eval()
+    path = tmp_path / 'resnet.pth.tar'
+    _save_project_checkpoint(model, path, 'test_resnet', dict(num_classes=10))
+    rebuilt = models.create_model_from_checkpoint(str(path)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x))
+    # Its classifier is `fc`: a backbone drops it, another class count is named as such.
+    assert models.create_model_from_checkpoint(str(path), num_classes=0).num_classes == 0
+    with pytest.raises(CheckpointError, match='10-class head but the model has 3 classes'):
+        models.create_model_from_checkpoint(str(path), num_classes=3)
+
+
+def test_naming_the_recorded_model_keeps_its_recorded_arguments(tmp_path):
+    kwargs = dict(TINY_KWARGS, num_classes=4)
+    model = timm.create_model('posmlp_t', **kwargs).eval()
+    path = tmp_path / 'tiny.pth.tar'
+    _save_project_checkpoint(model, path, 'posmlp_t', kwargs)
+    rebuilt = models.create_model_from_checkpoint(str(path), model_name='posmlp_t', use_ema=False)
+    assert rebuilt.num_classes == 4 and rebuilt.stages[0].blocks[0].norm.weight.shape == (8,)
+    # Another architecture is named as such, with no class-count hint, and says how to get the right one.
+    with pytest.raises(CheckpointError, match='another architecture.*Leave model_name out .*--model.* posmlp_t') as error:
+        models.create_model_from_checkpoint(str(path), model_name='posmlp_s', num_classes=4)
+    assert 'class' not in str(error.value)
+    with pytest.raises(CheckpointError, match=r'another architecture.*embed_dims .*--model-kwargs.* leave them out'):
+        models.create_model_from_checkpoint(str(path), embed_dims=(8, 16, 16, 64))
+
+
+def test_head_of_another_input_width_is_named_by_its_shape():
+    model = timm.create_model('posmlp_t', num_classes=4, **TINY_KWARGS)
+    weights = dict(model.state_dict(), **{'head.weight': torch.zeros(4, 16)})
+    with pytest.raises(CheckpointError, match=r'takes \(16,\) features but the model.s takes \(32,\).*\(4, 16\) vs \(4, 32\)'):
+        models.load_weights(model, weights)
+
+
+def test_ema_asked_of_a_checkpoint_without_names_the_argument_and_the_option():
+    with pytest.raises(CheckpointError, match=r'use_ema=None or False \(validate.py: leave out --use-ema\)'):
+        models.select_state_dict({'state_dict': {}}, use_ema=True)
+
+
 class _RunsCode:
     """Unpickles by calling `function(*args)`."""
 
