@@ -5,6 +5,7 @@ argparse.Namespace, their parameter names) or this project's (the same keys plus
 `model_kwargs`, everything plain data), or a bare state dict. All load with `weights_only=True`.
 """
 import argparse
+import errno
 import logging
 import os
 import pickle
@@ -24,6 +25,8 @@ _logger = logging.getLogger(__name__)
 # The umask can only be read by setting it; done once at import, before any thread could create files meanwhile.
 PROCESS_UMASK = os.umask(0)
 os.umask(PROCESS_UMASK)
+# The first bytes of a zip archive, the format torch.save writes since PyTorch 1.6.
+ZIP_MAGIC = b'PK\x03\x04'
 
 __all__ = [
     'CheckpointError', 'LoadedCheckpoint', 'create_model_from_checkpoint', 'infer_model_kwargs',
@@ -46,7 +49,10 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> Any:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        # A zip archive that ends early can make torch's reader seek past the end (EINVAL); other OS errors are real.
+        if isinstance(e, OSError) and e.errno != errno.EINVAL:
+            raise
         message = str(e)
         if mmap and 'mmap can only be used' in message:  # a file in torch's pre-1.6 format: read it whole
             return load_checkpoint_file(path)
@@ -62,6 +68,11 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> Any:
                 f'plain types.') from None
         with open(path, 'rb') as f:
             start = f.read(16)
+        if start.startswith(ZIP_MAGIC):
+            raise CheckpointError(
+                f'{path!r} looks like a truncated or incomplete PyTorch checkpoint: it starts as one (a zip archive) '
+                f'but cannot be read ({os.path.getsize(path):,} bytes). Compare its size with the original\'s and '
+                f'copy or download it again.') from None
         raise CheckpointError(
             f'{path!r} is not a PyTorch checkpoint ({os.path.getsize(path):,} bytes starting {start!r}): a truncated '
             f'download, or an HTML page saved in its place? Look at it with `head -c 200 {path}` and compare its '

@@ -397,6 +397,14 @@ def test_file_that_is_not_a_checkpoint_is_named_as_such(tmp_path, content):
     assert 'refusing' not in str(error.value) and 'head -c' in str(error.value)
 
 
+@pytest.mark.parametrize('size', [100, 5000, 100_000])  # torch fails differently at each: bad zip, EINVAL, ...
+def test_truncated_checkpoint_is_named_as_such(tmp_path, size):
+    path = tmp_path / 'cut.pth.tar'
+    path.write_bytes(reference_path('gqpe_tiny_original_checkpoint.pth.tar').read_bytes()[:size])
+    with pytest.raises(CheckpointError, match='looks like a truncated or incomplete PyTorch checkpoint'):
+        models.load_checkpoint_file(str(path))
+
+
 def test_mmap_reads_a_checkpoint_in_the_old_format_too(tmp_path):
     path = tmp_path / 'old.pth.tar'
     torch.save({'metric': 1.5, 'w': torch.ones(2)}, path, _use_new_zipfile_serialization=False)
