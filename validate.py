@@ -28,7 +28,7 @@ from timm.utils import ParseKwargs
 
 import models
 from models import CheckpointError
-from utils.amp import DEFAULT_AMP_DTYPE, resolve_precision
+from utils.amp import resolve_precision
 from utils.args import OptionError, check_integer_minimums, resolve_data_root
 from utils.data import (
     DataError, build_loader, class_to_idx, create_eval_transform, create_split_dataset, evaluation_folder,
@@ -198,8 +198,7 @@ def validate(args) -> dict:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     amp = args.amp or args.amp_dtype is not None  # naming the type asks for it, as in benchmark.py
-    amp_dtype = args.amp_dtype or DEFAULT_AMP_DTYPE.get(runtime.device.type, 'float16')
-    _, _, precision = resolve_precision(runtime.device, amp=amp, amp_dtype=amp_dtype)
+    _, _, precision = resolve_precision(runtime.device, amp=amp, amp_dtype=args.amp_dtype)
     start = time.time()
     metrics = evaluate(model, loader, runtime, precision.autocast, args.channels_last, args.log_interval, 'Test')
     elapsed = time.time() - start

@@ -11,6 +11,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from conftest import ROOT, TINY_MODEL_ARGS, make_image_folder, script_env
 
 import train
+from utils.amp import resolve_precision
 from utils.args import parse_train_args, train_parser
 
 CONFIGS = ROOT / 'configs'
@@ -146,3 +147,15 @@ def test_model_best_of_an_ema_run_is_the_ema_models(tmp_path, capsys, in_process
 @pytest.mark.parametrize('recipe', ['posmlp_t', 'posmlp_s', 'posmlp_b'])
 def test_recipes_crop_with_the_authors_aspect_ratios(recipe):
     assert parse_train_args(['-c', str(CONFIGS / f'{recipe}.yaml'), 'data']).ratio == [0.67, 1.5]
+
+
+@pytest.mark.parametrize('device, argv, description', [
+    ('cpu', [], 'native AMP (bfloat16)'),  # CPUs compute bfloat16 natively far more often than float16
+    ('cuda', [], 'native AMP (float16)'),  # the authors' native AMP
+    ('cpu', ['--amp-dtype', 'float16'], 'native AMP (float16)'),
+])
+def test_amp_type_defaults_to_the_devices(device, argv, description):
+    args = parse_train_args(['data', '--amp', *argv])
+    _, _, precision = resolve_precision(torch.device(device), amp=args.amp, amp_dtype=args.amp_dtype)
+    assert precision.description == description
+    assert (precision.loss_scaler is not None) == description.endswith('(float16)')

@@ -43,12 +43,15 @@ def _native(device: torch.device, amp_dtype: str, note: str = '', warn: Callable
 
 
 def resolve_precision(device: torch.device, amp: bool = False, apex: bool = False,
-                      amp_dtype: str = 'float16', model=None, optimizer=None, announce: bool = True):
+                      amp_dtype: Optional[str] = None, model=None, optimizer=None, announce: bool = True):
     """(model, optimizer, Precision): apex rewrites the model and optimizer, native AMP leaves them.
+
+    `amp_dtype` None is the device's default type (`DEFAULT_AMP_DTYPE`).
 
     `announce` False keeps a fallback warning to the debug log (every process but the first of a launch).
     """
     warn = _logger.warning if announce else _logger.debug
+    amp_dtype = amp_dtype or DEFAULT_AMP_DTYPE.get(device.type, 'float16')
     if apex:
         if apex_amp is not None and device.type == 'cuda' and optimizer is not None:
             model, optimizer = apex_amp.initialize(model, optimizer, opt_level='O1')

@@ -306,8 +306,8 @@ def train_parser() -> argparse.ArgumentParser:
     group.add_argument('--native-amp', **ON_OFF, help='same as --amp (--no-amp leaves it on)')
     group.add_argument('--apex-amp', **ON_OFF,
                        help='NVIDIA apex mixed precision when apex is installed, else native AMP (with a warning)')
-    group.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'),
-                       help='autocast type; on the CPU only bfloat16 autocasts')
+    group.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'),
+                       help='autocast type (default: float16 on CUDA, bfloat16 on the CPU)')
 
     group = parser.add_argument_group('Run')
     group.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda when available)')
