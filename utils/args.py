@@ -193,7 +193,8 @@ def train_parser() -> argparse.ArgumentParser:
                             "folder into the data dir on first use; or any timm dataset spec (torch/cifar10, ...)")
     group.add_argument('--train-split', default='train', help='training split (folder name)')
     group.add_argument('--val-split', default='validation',
-                       help='validation split for timm dataset specs (image folders use val/ or validation/)')
+                       help="validation split: a timm dataset spec's split, or the folder under an image-folder root "
+                            "(default: val/ or validation/)")
     group.add_argument('--num-classes', type=int, default=None,
                        help='classes of the model head (default: the number of class folders in train/)')
     group.add_argument('--in-chans', type=int, default=None, help='image channels (default: 3)')
@@ -214,7 +215,8 @@ def train_parser() -> argparse.ArgumentParser:
                             'count is re-initialised (fine-tuning)')
     group.add_argument('--resume', default='', metavar='PATH',
                        help="continue a run from its last.pth.tar: model, optimizer, scheduler, EMA, loss "
-                            "scaler and epoch; output goes to the checkpoint's folder unless --experiment is given")
+                            "scaler and epoch; output goes to the checkpoint's folder unless --output/--experiment "
+                            "name another folder than the run was made with")
     group.add_argument('--img-size', type=int, default=None, help='image size (model and data)')
     group.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
                        help='input size of the data, overriding --img-size')
