@@ -16,6 +16,8 @@ from typing import Any, Dict, Optional
 
 import timm
 import torch
+from timm.layers import to_2tuple
+from timm.models._builder import pretrained_cfg_for_features
 from torch import nn
 
 from .posmlp import VARIANT_EMBED_DIMS, checkpoint_filter_fn
@@ -274,6 +276,10 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: 
         model.load_state_dict(state_dict)
 
 
+# Arguments of a feature backbone (features_only=True): timm takes them when it wraps the loaded model.
+FEATURE_ARGS = ('out_indices', 'feature_cls', 'feature_cfg')
+
+
 def _described_model(checkpoint: LoadedCheckpoint) -> tuple:
     """(timm name, model arguments) of the model a checkpoint describes: the ones it records, else the PosMLP
     its weights show (the authors' checkpoints record none); (None, {}) when it describes none."""
@@ -323,7 +329,39 @@ def create_model_from_checkpoint(
         hint = (f'The arguments {", ".join(changed)} (validate.py: --model-kwargs) change the architecture the '
                 f'checkpoint describes; leave them out.' if changed else
                 f'Pass model_name (validate.py: --model) and the arguments of the model it was made for.')
+    # The input the checkpoint was trained on becomes the model's pretrained_cfg, which timm's data config reads.
+    model_kwargs['pretrained_cfg_overlay'] = dict(
+        _recorded_data_config(checkpoint, model_kwargs, kwargs), **model_kwargs.get('pretrained_cfg_overlay') or {})
+    features_only = model_kwargs.pop('features_only', False)
+    feature_kwargs = {k: model_kwargs.pop(k) for k in FEATURE_ARGS if k in model_kwargs}
     model = timm.create_model(model_name, **model_kwargs)
     load_weights(model, checkpoint.state_dict, f'{checkpoint.path} ({checkpoint.weights})', finetune, hint)
     _logger.info(f'Loaded {checkpoint.weights} weights of {checkpoint.path} into {model_name}.')
+    if features_only:
+        # As timm's pretrained path does: weights go into the whole model, which is then wrapped (and pruned)
+        # for features. first_conv=None keeps timm from adapting the stem to in_chans a second time.
+        overlay = dict(model_kwargs['pretrained_cfg_overlay'], state_dict=model.state_dict(), first_conv=None)
+        cfg = model.pretrained_cfg
+        model = timm.create_model(model_name, pretrained=True, features_only=True, **feature_kwargs,
+                                  **dict(model_kwargs, pretrained_cfg_overlay=overlay))
+        model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(cfg)
     return model
+
+
+def _recorded_data_config(checkpoint: LoadedCheckpoint, model_kwargs: Dict[str, Any], given: Dict[str, Any]) -> dict:
+    """The input options the checkpoint was trained with, as pretrained_cfg entries.
+
+    The size is, as in training, its input_size, else its img_size option, else the model's img_size;
+    an img_size given now wins, since the model is then built for it.
+    """
+    args = {k: v for k, v in checkpoint.args.items() if v not in (None, '')}
+    config = {k: args[k] for k in ('crop_pct', 'crop_mode', 'interpolation') if k in args}
+    config.update({k: tuple(args[k]) for k in ('mean', 'std') if k in args})
+    in_chans = model_kwargs.get('in_chans') or args.get('in_chans') or 3
+    if 'img_size' not in given and 'input_size' in args:
+        config['input_size'] = tuple(args['input_size'])
+    else:
+        size = given.get('img_size') or args.get('img_size') or model_kwargs.get('img_size')
+        if size:
+            config['input_size'] = (in_chans, *to_2tuple(size))
+    return config

@@ -360,6 +360,33 @@ def test_ema_asked_of_a_checkpoint_without_names_the_argument_and_the_option():
         models.select_state_dict({'state_dict': {}}, use_ema=True)
 
 
+def test_feature_backbone_from_a_checkpoint_has_its_weights():
+    path = str(reference_path('gqpe_tiny_original_checkpoint.pth.tar'))
+    features = models.create_model_from_checkpoint(path, features_only=True, out_indices=(1, 3)).eval()
+    model = models.create_model_from_checkpoint(path).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        expected = model.forward_intermediates(x, indices=(1, 3), intermediates_only=True)
+        for got, want in zip(features(x), expected, strict=True):
+            torch.testing.assert_close(got, want)
+    assert features.pretrained_cfg['input_size'] == (3, 224, 224) and 'state_dict' not in features.pretrained_cfg
+
+
+def test_data_config_of_a_checkpoint_model_is_the_one_it_was_trained_with(tmp_path):
+    kwargs = dict(TINY_KWARGS, num_classes=4)  # img_size=32
+    path = tmp_path / 'tiny.pth.tar'
+    models.save_checkpoint_file(dict(
+        model_name='posmlp_t', model_kwargs=kwargs, state_dict=timm.create_model('posmlp_t', **kwargs).state_dict(),
+        args=dict(img_size=None, input_size=None, crop_pct=1.0, interpolation='bilinear', mean=[0.5] * 3, std=None)),
+        str(path))
+    config = timm.data.resolve_data_config({}, model=models.create_model_from_checkpoint(str(path)))
+    assert config['input_size'] == (3, 32, 32) and config['crop_pct'] == 1.0
+    assert config['interpolation'] == 'bilinear' and config['mean'] == (0.5,) * 3
+    assert config['std'] == timm.data.IMAGENET_DEFAULT_STD  # not recorded: the model's own
+    config = timm.data.resolve_data_config({}, model=models.create_model_from_checkpoint(str(path), img_size=64))
+    assert config['input_size'] == (3, 64, 64)  # a size given now builds the model for it
+
+
 class _RunsCode:
     """Unpickles by calling `function(*args)`."""
 
