@@ -267,7 +267,8 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: 
             raise CheckpointError(
                 f'{source} has a {theirs}-class head but the model has {getattr(model, "num_classes", "?")} '
                 f'classes. To fine-tune, load it with finetune=True (train.py --initial-checkpoint does) and the '
-                f'head is re-initialised; to evaluate, build the model with num_classes={theirs}.')
+                f'head is re-initialised; to evaluate, build the model with num_classes={theirs} '
+                f'(validate.py: --model-kwargs num_classes={theirs}).')
         _logger.warning(f'{source}: {theirs}-class head dropped; the new head of {model.num_classes} '
                         f'classes starts from its initialisation (fine-tuning).')
         state_dict = {k: v for k, v in state_dict.items() if in_body(k)}
@@ -278,6 +279,8 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: 
 
 # Arguments of a feature backbone (features_only=True): timm takes them when it wraps the loaded model.
 FEATURE_ARGS = ('out_indices', 'feature_cls', 'feature_cfg')
+# Arguments that never make weights unfit, left out of a hint naming the ones that did.
+NON_ARCHITECTURE_ARGS = ('features_only', 'pretrained_cfg_overlay', *FEATURE_ARGS)
 
 
 def _described_model(checkpoint: LoadedCheckpoint) -> tuple:
@@ -322,10 +325,11 @@ def create_model_from_checkpoint(
     model_name = model_name or described_name
     model_kwargs = dict(described_kwargs if model_name == described_name else {}, **kwargs)
     if model_name != described_name and described_name:
-        hint = (f'Leave model_name out (validate.py: --model) to build the {described_name} the checkpoint '
+        hint = (f'Leave out model_name (validate.py: --model) to build the {described_name} the checkpoint '
                 f'describes, or pick the matching one.')
     else:
-        changed = sorted(k for k, v in kwargs.items() if k not in described_kwargs or described_kwargs[k] != v)
+        changed = sorted(k for k, v in kwargs.items() if k not in NON_ARCHITECTURE_ARGS
+                         and (k not in described_kwargs or described_kwargs[k] != v))
         hint = (f'The arguments {", ".join(changed)} (validate.py: --model-kwargs) change the architecture the '
                 f'checkpoint describes; leave them out.' if changed else
                 f'Pass model_name (validate.py: --model) and the arguments of the model it was made for.')

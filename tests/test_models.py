@@ -300,7 +300,7 @@ def test_head_of_another_class_count_needs_finetune(tmp_path, caplog):
     model = timm.create_model('posmlp_t', num_classes=4, **TINY_KWARGS)
     path = tmp_path / 'tiny.pth.tar'
     _save_project_checkpoint(model, path, 'posmlp_t', dict(TINY_KWARGS, num_classes=4))
-    with pytest.raises(CheckpointError, match='4-class head.*finetune=True'):
+    with pytest.raises(CheckpointError, match=r'4-class head.*finetune=True.*--model-kwargs num_classes=4\)'):
         models.create_model_from_checkpoint(str(path), num_classes=9)
     finetuned = models.create_model_from_checkpoint(str(path), num_classes=9, finetune=True)
     assert finetuned.head.out_features == 9 and 'head dropped' in caplog.text
@@ -341,17 +341,29 @@ def test_naming_the_recorded_model_keeps_its_recorded_arguments(tmp_path):
     rebuilt = models.create_model_from_checkpoint(str(path), model_name='posmlp_t', use_ema=False)
     assert rebuilt.num_classes == 4 and rebuilt.stages[0].blocks[0].norm.weight.shape == (8,)
     # Another architecture is named as such, with no class-count hint, and says how to get the right one.
-    with pytest.raises(CheckpointError, match='another architecture.*Leave model_name out .*--model.* posmlp_t') as error:
+    wrong_model = 'another architecture.*Leave out model_name .*--model.* posmlp_t'
+    with pytest.raises(CheckpointError, match=wrong_model) as error:
         models.create_model_from_checkpoint(str(path), model_name='posmlp_s', num_classes=4)
     assert 'class' not in str(error.value)
     with pytest.raises(CheckpointError, match=r'another architecture.*embed_dims .*--model-kwargs.* leave them out'):
         models.create_model_from_checkpoint(str(path), embed_dims=(8, 16, 16, 64))
 
 
+def test_weights_of_another_architecture_given_to_a_built_model_point_to_its_options():
+    # train.py --initial-checkpoint builds its --model itself: no architecture is inferred there.
+    weights = timm.create_model('posmlp_t', num_classes=4, **TINY_KWARGS).state_dict()
+    model = timm.create_model('posmlp_t', num_classes=4, **dict(TINY_KWARGS, depths=(1, 1, 2, 1)))
+    build_options = 'another architecture.*train.py: the --model and --model-kwargs'
+    with pytest.raises(CheckpointError, match=build_options) as error:
+        models.load_weights(model, weights, finetune=True)
+    assert 'Leave out' not in str(error.value)
+
+
 def test_head_of_another_input_width_is_named_by_its_shape():
     model = timm.create_model('posmlp_t', num_classes=4, **TINY_KWARGS)
     weights = dict(model.state_dict(), **{'head.weight': torch.zeros(4, 16)})
-    with pytest.raises(CheckpointError, match=r'takes \(16,\) features but the model.s takes \(32,\).*\(4, 16\) vs \(4, 32\)'):
+    shapes = r'takes \(16,\) features but the model.s takes \(32,\).*\(4, 16\) vs \(4, 32\)'
+    with pytest.raises(CheckpointError, match=shapes):
         models.load_weights(model, weights)
 
 
