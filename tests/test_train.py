@@ -595,10 +595,11 @@ def test_authors_command_line_runs_on_two_processes(tmp_path):
     assert args['mixup'] == 0.8 and args['aa'] == 'rand-m9-mstd0.5-inc1' and args['apex_amp'] is True
 
     # Each process's EMA has BatchNorm statistics of its own data; only if they are synced before the EMA
-    # is scored do the two processes score one model, the one saved, and one process measures the same.
+    # is scored do the two processes score one model, the one saved, and one process measures the same
+    # (under the same autocast: --apex-amp fell back to native AMP, bfloat16 on the CPU).
     results = tmp_path / 'ema.json'
     assert validate.main([str(data), '--checkpoint', str(tmp_path / 'out' / 'authors' / 'last.pth.tar'), '--use-ema',
-                          '-b', '4', '-j', '0', '--results-file', str(results)]) == 0
+                          '-b', '4', '-j', '0', '--amp', '--results-file', str(results)]) == 0
     measured = json.loads(results.read_text())
     assert float(rows[0]['ema_top1']) == pytest.approx(measured['top1'])
     # Unsynced, the two differ by about 1e-4 here; synced, by float32 rounding (about 1e-8).
