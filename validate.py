@@ -34,7 +34,7 @@ from utils.data import (
     DataError, build_loader, class_to_idx, create_eval_transform, create_split_dataset, evaluation_folder,
     num_classes_of, resolve_input_config, unreadable_count,
 )
-from utils.distributed import init_runtime, run_script
+from utils.distributed import device_problem, init_runtime, run_script
 from utils.engine import evaluate
 from utils.outputs import setup_logging
 
@@ -235,11 +235,8 @@ def check_input_options(parser: argparse.ArgumentParser, args):
         parser.error(f'--img-size must be 1 or more, not {args.img_size}.')
     if args.input_size is not None and min(args.input_size) < 1:
         parser.error(f'--input-size values must be 1 or more, not {" ".join(map(str, args.input_size))}.')
-    if args.device:
-        try:
-            torch.device(args.device)
-        except RuntimeError:
-            parser.error(f'--device {args.device}: not a device; give cpu, cuda or cuda:N.')
+    if args.device and device_problem(args.device):
+        parser.error(device_problem(args.device))
 
 
 def main(argv=None) -> int:

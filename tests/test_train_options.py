@@ -159,3 +159,9 @@ def test_amp_type_defaults_to_the_devices(device, argv, description):
     _, _, precision = resolve_precision(torch.device(device), amp=args.amp, amp_dtype=args.amp_dtype)
     assert precision.description == description
     assert (precision.loss_scaler is not None) == description.endswith('(float16)')
+
+
+def test_a_device_that_is_not_one_is_named(tmp_path, caplog):
+    assert train.main([str(tmp_path), '--device', 'foo', '--output', str(tmp_path / 'out')]) == 1
+    assert 'Stopped: --device foo: not a device; give cpu, cuda or cuda:N.' in caplog.text
+    assert 'Traceback' not in caplog.text and not (tmp_path / 'out').exists()

@@ -31,6 +31,18 @@ def default_device() -> str:
     return 'cuda' if torch.cuda.is_available() else 'cpu'
 
 
+def device_problem(device: str) -> Optional[str]:
+    """Why `--device DEVICE` cannot be used here, or None when it can."""
+    try:
+        device_type = torch.device(device).type
+    except RuntimeError:
+        return f'--device {device}: not a device; give cpu, cuda or cuda:N.'
+    if device_type == 'cuda' and not torch.cuda.is_available():
+        return (f'--device {device} asks for CUDA, but CUDA is not available on this machine; leave --device out '
+                f'(or pass --device cpu) to run on the CPU.')
+    return None
+
+
 def init_runtime(device: Optional[str] = None, backend: Optional[str] = None, threads: int = 0) -> Runtime:
     """Pick the device (CUDA when available unless `device` says otherwise) and join torchrun's group.
 
@@ -40,9 +52,9 @@ def init_runtime(device: Optional[str] = None, backend: Optional[str] = None, th
     if threads > 0:
         torch.set_num_threads(threads)
     device = device or default_device()
-    if device.startswith('cuda') and not torch.cuda.is_available():
-        raise OptionError(f'--device {device} asks for CUDA, but CUDA is not available on this machine; '
-                         f'leave --device out (or pass --device cpu) to run on the CPU.')
+    problem = device_problem(device)
+    if problem:
+        raise OptionError(problem)
     info = init_distributed_device_so(device=device, dist_backend=backend)
     return Runtime(torch.device(info['device']), info['global_rank'], info['local_rank'], info['world_size'])
 
