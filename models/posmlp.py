@@ -12,7 +12,6 @@ gMLP's SGU is kept as the ablation baseline (`gate='sgu'`).
 Layout: the stem and downsampling work on (B, C, H, W); each stage partitions its map into
 w x w windows, (B, nW, N, C) with N = w * w, and its blocks work there.
 """
-import itertools
 import math
 import re
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
@@ -107,11 +106,6 @@ def _observed(modules: Iterable[nn.Module]) -> bool:
     return any(getattr(m, name) for m in modules for name in _HOOK_DICTS)
 
 
-def _descendants(module: nn.Module) -> Iterable[nn.Module]:
-    """Every module below `module` (not itself: its own hooks run however it computes)."""
-    return (m for m in module.modules() if m is not module)
-
-
 def _plain_ops_only() -> bool:
     """Whether the eager-only shortcuts (cached maps, folded stem, in-place and out= ops, the hand-written
     autograd Function) must give way to plain ops. Under torch.compile/export or torch.jit.trace a graph
@@ -163,7 +157,8 @@ class GQPE(nn.Module):
     def init_non_persistent_buffers(self):
         """Recompute `rel_features` on the parameters' device, keeping its dtype (timm's hook, see
         `timm.models.reinit_non_persistent_buffers`): after building on the meta device and `to_empty`."""
-        self.rel_features = self._relative_features(self.centers.device).to(self.rel_features.dtype)
+        with torch.inference_mode(False):  # a load under inference_mode must not make training impossible
+            self.rel_features = self._relative_features(self.centers.device).to(self.rel_features.dtype)
 
     def init_weights(self):
         nn.init.normal_(self.centers, std=self.init_std)
@@ -216,7 +211,8 @@ class LRPE(nn.Module):
     def init_non_persistent_buffers(self):
         """Recompute `rel_index` on the table's device (timm's hook, see
         `timm.models.reinit_non_persistent_buffers`): after building on the meta device and `to_empty`."""
-        self.rel_index = self._relative_index(self.table.device)
+        with torch.inference_mode(False):  # a load under inference_mode must not make training impossible
+            self.rel_index = self._relative_index(self.table.device)
 
     def init_weights(self):
         trunc_normal_(self.table, std=0.02)
@@ -323,17 +319,13 @@ class PoSGU(nn.Module):
         self._cached_maps: Optional[torch.Tensor] = None
         self._cache_key: Optional[tuple] = None
 
-    def _positional_tensors(self) -> Iterable[torch.Tensor]:
-        """What the maps are made from: the encoder's parameters and its derived buffers (which
-        `init_non_persistent_buffers` replaces)."""
-        return itertools.chain(self.pos.parameters(), self.pos.buffers())
-
-    def _maps_cache_key(self) -> tuple:
+    @staticmethod
+    def _maps_cache_key(tensors: Sequence[torch.Tensor]) -> tuple:
         # Identifies the parameters' values without reading them (on a GPU, reading them would make the
         # host wait in every block): in-place updates (optimizer steps, load_state_dict, edits under
         # no_grad) bump a tensor's version, and .to()/.half() give new storage. Edits through `.data`
         # bypass the version counter: call train() or eval() after them, which drops the cache.
-        return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in self._positional_tensors())
+        return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
 
     def maps(self, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The token-mixing maps; reused across calls only when no gradient can flow to them and the
@@ -344,13 +336,15 @@ class PoSGU(nn.Module):
             and not torch.is_grad_enabled()
             and not _plain_ops_only()
             # A hook on the encoder must run on every call, and must not leave its output cached.
-            and not _observed(self.pos.modules())
-            # Tensors made under inference_mode keep no version counter.
-            and not any(t.is_inference() for t in self._positional_tensors())
+            and not _observed((self.pos,))
         )
-        if not cacheable:
+        # What the maps are made from: the encoder's parameters and its derived buffers (which
+        # `init_non_persistent_buffers` replaces).
+        tensors = (*self.pos.parameters(), *self.pos.buffers()) if cacheable else ()
+        # Tensors made under inference_mode keep no version counter.
+        if not cacheable or any(t.is_inference() for t in tensors):
             return self.pos(invalid_tokens)
-        key = self._maps_cache_key()
+        key = self._maps_cache_key(tensors)
         if self._cache_key != key:
             self._cached_maps = self.pos()
             self._cache_key = key
@@ -501,9 +495,7 @@ class PosMLPBlock(nn.Module):
             type(self.norm) is nn.LayerNorm and type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear
             and _is_exact_gelu(self.act)
         )
-        # All descendants, not only children: the gate's positional encoder is called (or its maps
-        # taken from the cache) inside the fast form, bypassing its hooks.
-        return plain and not _observed(_descendants(self))
+        return plain and not _observed(self.children())
 
     def forward(self, x: torch.Tensor, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self._channel_major_applies():
@@ -543,7 +535,7 @@ class ConvStem(nn.Module):
         frozen_norms = all(
             type(norm) is nn.BatchNorm2d and not norm.training and norm.running_var is not None for norm in norms)
         plain = plain_convs and frozen_norms and _is_exact_gelu(self.act)
-        return plain and not _observed(_descendants(self))
+        return plain and not _observed(self.children())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._folding_applies():

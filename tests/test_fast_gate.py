@@ -220,12 +220,16 @@ def test_model_made_in_inference_mode_runs_and_follows_its_weights():
         built.load_state_dict(reference.state_dict())
         assert (built(x) - reference(x)).abs().max() <= 1e-4
 
-    # Loaded under inference_mode, a normally built model gets inference-mode derived buffers.
+    # Loaded under inference_mode, a normally built model keeps normal derived buffers: it still caches
+    # its maps, and it still trains.
     built = timm.create_model('posmlp_t', gate_impl='fast', **KWARGS).eval()
     with torch.inference_mode():
         built.load_state_dict(reference.state_dict())
+    assert not any(b.is_inference() for b in built.buffers())
     with torch.no_grad():
         assert (built(x) - reference(x)).abs().max() <= 1e-4
+    assert all(g._cached_maps is not None for g in gates(built))
+    built.train()(x).sum().backward()
 
 
 @pytest.mark.parametrize('gate', ['gqpe', 'lrpe'])
