@@ -161,9 +161,8 @@ def infer_model_kwargs(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
     """The architecture arguments of PosMLP that a state dict (project names) was made with."""
     stages = _stage_indices(state_dict, r'stages\.(\d+)\.blocks\.')
     if not stages or 'stem.conv1.weight' not in state_dict:
-        raise CheckpointError('these weights are not a PosMLP model (no stem.conv1 / stages.*.blocks.* after '
-                              'adapting names) and the checkpoint records no model name; pass model_name '
-                              '(validate.py: --model) and the arguments of the model they were made for.')
+        raise CheckpointError('these weights are not a PosMLP model (they have no stem.conv1 / stages.*.blocks.* '
+                              'weights), the only one whose arguments can be read off its weights.')
     kw = dict(embed_dims=[], depths=[], mlp_ratio=[], gamma=[], win_size=[])
     gate, generalized = 'gqpe', True
     for i in stages:
@@ -279,19 +278,18 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: 
 
 # Arguments of a feature backbone (features_only=True): timm takes them when it wraps the loaded model.
 FEATURE_ARGS = ('out_indices', 'feature_cls', 'feature_cfg')
-# Arguments that never make weights unfit, left out of a hint naming the ones that did.
-NON_ARCHITECTURE_ARGS = ('features_only', 'pretrained_cfg_overlay', *FEATURE_ARGS)
+# Arguments that never make weights unfit, left out of a hint naming the ones that did
+# (a different num_classes gets its own message from load_weights).
+NON_ARCHITECTURE_ARGS = ('features_only', 'pretrained_cfg_overlay', *FEATURE_ARGS, 'num_classes', 'drop_rate',
+                         'drop_path_rate', 'drop_block_rate', 'gate_impl')
 
 
 def _described_model(checkpoint: LoadedCheckpoint) -> tuple:
     """(timm name, model arguments) of the model a checkpoint describes: the ones it records, else the PosMLP
-    its weights show (the authors' checkpoints record none); (None, {}) when it describes none."""
+    its weights show (the authors' checkpoints record none). Raises CheckpointError when it describes none."""
     if checkpoint.model_name and timm.is_model(checkpoint.model_name):
         return checkpoint.model_name, dict(checkpoint.model_kwargs)
-    try:
-        inferred = infer_model_kwargs(checkpoint.state_dict)
-    except CheckpointError:
-        return None, {}
+    inferred = infer_model_kwargs(checkpoint.state_dict)
     return _registered_name(inferred), dict(checkpoint.model_kwargs, **inferred)
 
 
@@ -315,16 +313,24 @@ def create_model_from_checkpoint(
     """
     if not isinstance(checkpoint, LoadedCheckpoint):
         checkpoint = read_checkpoint(checkpoint, use_ema)
-    described_name, described_kwargs = _described_model(checkpoint)
-    if model_name is None and described_name is None:
-        if checkpoint.model_name:
+    try:
+        described_name, described_kwargs = _described_model(checkpoint)
+    except CheckpointError as undescribed:
+        if model_name is None and checkpoint.model_name:
             raise CheckpointError(
                 f'{checkpoint.path} was made with model {checkpoint.model_name!r}, which timm does not know: import '
-                f'the module that registers it first, or pass model_name (validate.py: --model) and its arguments.')
-        infer_model_kwargs(checkpoint.state_dict)  # raises, saying why the weights are no PosMLP
+                f'the module that registers it first, or pass model_name (validate.py: --model) and its arguments.'
+            ) from undescribed
+        if model_name is None:
+            raise CheckpointError(f'{checkpoint.path} records no model name, and {undescribed} Pass model_name '
+                                  f'(validate.py: --model) and the arguments of the model they were made for.'
+                                  ) from undescribed
+        described_name, described_kwargs = None, {}
     model_name = model_name or described_name
     model_kwargs = dict(described_kwargs if model_name == described_name else {}, **kwargs)
-    if model_name != described_name and described_name:
+    if described_name is None:
+        hint = 'Pass model_name (validate.py: --model) and the arguments of the model it was made for.'
+    elif model_name != described_name:
         hint = (f'Leave out model_name (validate.py: --model) to build the {described_name} the checkpoint '
                 f'describes, or pick the matching one.')
     else:

@@ -333,6 +333,19 @@ def test_checkpoint_of_another_timm_model_is_built_by_its_recorded_name(tmp_path
         models.create_model_from_checkpoint(str(path), num_classes=3)
 
 
+def test_bare_weights_of_another_model_point_to_the_model_name(tmp_path):
+    path = tmp_path / 'resnet.pth'
+    torch.save(timm.create_model('test_resnet', num_classes=10).state_dict(), path)
+    # They describe no architecture, so no argument can have changed it: the model name is what to fix.
+    with pytest.raises(CheckpointError, match=r'another architecture.*Pass model_name \(validate.py: --model\)') \
+            as error:
+        models.create_model_from_checkpoint(str(path), model_name='test_efficientnet', num_classes=10, drop_rate=0.1)
+    assert 'change the architecture' not in str(error.value)
+    with pytest.raises(CheckpointError, match=r'resnet.pth records no model name, and these weights are not a '
+                                              r'PosMLP model .*Pass model_name \(validate.py: --model\)'):
+        models.create_model_from_checkpoint(str(path))
+
+
 def test_naming_the_recorded_model_keeps_its_recorded_arguments(tmp_path):
     kwargs = dict(TINY_KWARGS, num_classes=4)
     model = timm.create_model('posmlp_t', **kwargs).eval()
@@ -345,8 +358,11 @@ def test_naming_the_recorded_model_keeps_its_recorded_arguments(tmp_path):
     with pytest.raises(CheckpointError, match=wrong_model) as error:
         models.create_model_from_checkpoint(str(path), model_name='posmlp_s', num_classes=4)
     assert 'class' not in str(error.value)
-    with pytest.raises(CheckpointError, match=r'another architecture.*embed_dims .*--model-kwargs.* leave them out'):
-        models.create_model_from_checkpoint(str(path), embed_dims=(8, 16, 16, 64))
+    # Only the arguments that shape the weights are named; regularisation and the gate's implementation don't.
+    with pytest.raises(CheckpointError, match=r'another architecture.*arguments embed_dims \(validate.py: '
+                                              r'--model-kwargs\).* leave them out'):
+        models.create_model_from_checkpoint(str(path), embed_dims=(8, 16, 16, 64), drop_rate=0.1,
+                                            drop_path_rate=0.1, gate_impl='reference')
 
 
 def test_weights_of_another_architecture_given_to_a_built_model_point_to_its_options():
