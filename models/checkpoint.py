@@ -348,12 +348,13 @@ def create_model_from_checkpoint(
     load_weights(model, checkpoint.state_dict, f'{checkpoint.path} ({checkpoint.weights})', finetune, hint)
     _logger.info(f'Loaded {checkpoint.weights} weights of {checkpoint.path} into {model_name}.')
     if features_only:
-        # As timm's pretrained path does: weights go into the whole model, which is then wrapped (and pruned)
-        # for features. first_conv=None keeps timm from adapting the stem to in_chans a second time.
-        overlay = dict(model_kwargs['pretrained_cfg_overlay'], state_dict=model.state_dict(), first_conv=None)
+        # As timm's pretrained path does: weights go into the model, which is then wrapped (and pruned) for
+        # features. timm loads them as for 0 classes, so the model is built, and its weights given, headless.
+        body = {k: v for k, v in model.state_dict().items() if not k.startswith(_classifier_prefixes(model))}
+        overlay = dict(model_kwargs['pretrained_cfg_overlay'], state_dict=body, num_classes=0)
         cfg = model.pretrained_cfg
         model = timm.create_model(model_name, pretrained=True, features_only=True, **feature_kwargs,
-                                  **dict(model_kwargs, pretrained_cfg_overlay=overlay))
+                                  **dict(model_kwargs, num_classes=0, pretrained_cfg_overlay=overlay))
         model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(cfg)
     return model
 
