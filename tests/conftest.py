@@ -1,4 +1,8 @@
-"""Shared test setup: the repository root on sys.path, the authors' reference fixtures, small image folders."""
+"""Shared test setup: the repository root on sys.path, the authors' reference fixtures, small image folders.
+
+The suite runs whole on a CPU: a skipped test fails the session (see `pytest_sessionfinish`), except one
+skipped because it needs CUDA, so a missing fixture or package can never pass unnoticed.
+"""
 import contextlib
 import os
 import sys
@@ -10,7 +14,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-REFERENCE = Path(os.environ.get('POSMLP_REFERENCE', ROOT.parent / 'shared' / 'reference'))
+# Made by each model's authors' code (see tests/fixtures/README.md): the ground truth of the equivalence tests.
+FIXTURES = ROOT / 'tests' / 'fixtures'
+# Skips that are allowed: the test needs a GPU this machine lacks.
+CUDA_SKIP_PREFIX = 'needs CUDA'
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -22,10 +29,28 @@ TINY_KWARGS = dict(
 
 
 def reference_path(name: str) -> Path:
-    path = REFERENCE / name
+    path = FIXTURES / name
     if not path.exists():
-        pytest.skip(f'reference fixture {path} is not present (set POSMLP_REFERENCE)')
+        pytest.fail(f'reference fixture {path} is missing: the equivalence tests need every file of tests/fixtures/.')
     return path
+
+
+_skipped = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if CUDA_SKIP_PREFIX not in reason:
+            _skipped.append(f'{report.nodeid}: {reason}')
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _skipped and exitstatus == 0:
+        session.exitstatus = 1
+        lines = '\n  '.join(_skipped)
+        print(f'\nFAILED: {len(_skipped)} test(s) skipped; every test must run here (only "{CUDA_SKIP_PREFIX}" '
+              f'skips are allowed):\n  {lines}')
 
 
 def make_image_folder(root: Path, classes=('a', 'b', 'c'), per_class=6, size=32, seed=0,
