@@ -7,6 +7,7 @@
 Options: `python train.py --help`. The epoch loops are in utils/engine.py; checkpoints, resuming and
 the kept files in utils/checkpointing.py; data in utils/data.py.
 """
+import inspect
 import logging
 import os
 import sys
@@ -25,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import models
 from models import CheckpointError
-from utils.amp import resolve_precision
+from utils.amp import resolve_precision, use_tf32_and_cudnn_benchmark
 from utils.args import OptionError, parse_train_args, plain_args, write_args_yaml
 from utils.checkpointing import CheckpointKeeper, resume_point, resume_training, training_state
 from utils.data import (
@@ -83,8 +84,28 @@ def training_loss(args, mixup_active: bool) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
+# torch 2.14 renamed DDP's broadcast_buffers (deprecating it) to forward_sync_buffers; torch 2.6 has only the old one.
+_DDP_OPTIONS = inspect.signature(DistributedDataParallel).parameters
+DDP_BUFFER_OPTION = 'forward_sync_buffers' if 'forward_sync_buffers' in _DDP_OPTIONS else 'broadcast_buffers'
+
+
+def wrap_ddp(model, runtime, args) -> DistributedDataParallel:
+    """DDP without broadcasting buffers before every forward unless --ddp-bb (see its option for why)."""
+    device_ids = [runtime.local_rank] if runtime.device.type == 'cuda' else None
+    model = DistributedDataParallel(model, device_ids=device_ids, **{DDP_BUFFER_OPTION: args.ddp_bb})
+    synced_bn = args.sync_bn and runtime.device.type == 'cuda'
+    if runtime.is_primary and not (model.broadcast_buffers or args.dist_bn or synced_bn):
+        _logger.warning("--dist-bn '' without --ddp-bb: each process keeps BatchNorm statistics of its own data, so "
+                        "the processes evaluate different models and checkpoints hold process 0's; keep --dist-bn "
+                        "reduce, or add --ddp-bb.")
+    _logger.info(f'DistributedDataParallel over {runtime.world_size} processes, '
+                 f'broadcast_buffers={model.broadcast_buffers}')
+    return model
+
+
 def train(args):
     runtime = init_runtime(args.device, args.dist_backend, args.threads)
+    use_tf32_and_cudnn_benchmark(runtime.device)
     setup_logging(None, runtime.is_primary)
     # Rank 0 checks the checkpoint to resume from and claims the folder before anything is written: the ranks'
     # clocks may name a new folder differently, and a folder on rank 0's disk may not be visible to the others.
@@ -196,11 +217,10 @@ def train(args):
                 scheduler.step(start_epoch)
 
     if args.torchcompile:
-        model = torch.compile(model, backend=args.torchcompile)
+        model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
     eval_model = model
     if runtime.distributed:
-        model = DistributedDataParallel(
-            model, device_ids=[runtime.local_rank] if runtime.device.type == 'cuda' else None)
+        model = wrap_ddp(model, runtime, args)
 
     # Mixup/cutmix make soft targets; the loss follows.
     mixup = None

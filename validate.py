@@ -28,8 +28,10 @@ from timm.utils import ParseKwargs
 
 import models
 from models import CheckpointError
-from utils.amp import resolve_precision
-from utils.args import OptionError, check_integer_minimums, resolve_data_root
+from utils.amp import resolve_precision, use_tf32_and_cudnn_benchmark
+from utils.args import (
+    OptionError, add_torchcompile_options, check_integer_minimums, check_torchcompile, resolve_data_root,
+)
 from utils.data import (
     DataError, build_loader, class_to_idx, create_eval_transform, create_split_dataset, evaluation_folder,
     num_classes_of, resolve_input_config, unreadable_count,
@@ -78,6 +80,7 @@ def validate_parser() -> argparse.ArgumentParser:
     parser.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'),
                         help='autocast type; implies --amp (default: bfloat16 on the CPU, float16 on CUDA)')
     parser.add_argument('--channels-last', action='store_true', help='channels_last memory layout')
+    add_torchcompile_options(parser)
     parser.add_argument('--img-size', type=int, default=None, help='input image size')
     parser.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'), help='input size')
     parser.add_argument('--crop-pct', type=float, default=None, help='center-crop fraction')
@@ -161,6 +164,7 @@ def write_results(path: str, results: dict):
 
 def validate(args) -> dict:
     runtime = init_runtime(args.device, threads=args.threads)
+    use_tf32_and_cudnn_benchmark(runtime.device)
     setup_logging(None, runtime.is_primary)
 
     data_dir = args.data_dir
@@ -199,8 +203,11 @@ def validate(args) -> dict:
         model.to(memory_format=torch.channels_last)
     amp = args.amp or args.amp_dtype is not None  # naming the type asks for it, as in benchmark.py
     _, _, precision = resolve_precision(runtime.device, amp=amp, amp_dtype=args.amp_dtype)
+    run_model = model
+    if args.torchcompile:
+        run_model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
     start = time.time()
-    metrics = evaluate(model, loader, runtime, precision.autocast, args.channels_last, args.log_interval, 'Test')
+    metrics = evaluate(run_model, loader, runtime, precision.autocast, args.channels_last, args.log_interval, 'Test')
     elapsed = time.time() - start
     results = dict(
         model=model.pretrained_cfg['architecture'], checkpoint=args.checkpoint, weights=loaded.weights,
@@ -251,6 +258,7 @@ def main(argv=None) -> int:
         parser.error('give the data folder to evaluate on (DIR or --data-dir).')
     check_integer_minimums(parser, args)
     check_input_options(parser, args)
+    check_torchcompile(parser, args)
     return run_script(validate, args, (DataError, CheckpointError, OptionError), _logger)
 
 

@@ -325,7 +325,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
                             '--mixup', '0', '--cutmix', '0')
     assert code == 1
     out = capsys.readouterr().out
-    assert 'the loss became nan at epoch 1' in out and 'lower --lr' in out
+    assert 'the loss became nan in epoch 1, at step 2 of 4' in out and 'lower --lr' in out
     last = load_checkpoint(tmp_path / 'out' / 'nan' / 'last.pth.tar')
     assert last['epoch'] == 0
     assert all(torch.isfinite(v).all() for v in last['state_dict'].values() if v.is_floating_point())

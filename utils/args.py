@@ -228,11 +228,17 @@ def train_parser() -> argparse.ArgumentParser:
     group.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
     group.add_argument('--grad-checkpointing', **ON_OFF, help='recompute activations to save memory')
     group.add_argument('--channels-last', **ON_OFF, help='channels_last memory layout')
-    group.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
-                       help='torch.compile the model (backend: inductor unless given)')
+    add_torchcompile_options(group)
     group.add_argument('--sync-bn', **ON_OFF, help='synchronised BatchNorm across GPUs')
     group.add_argument('--dist-bn', default='reduce', choices=('reduce', 'broadcast', ''),
                        help='make BatchNorm statistics agree across processes before eval')
+    # Off, unlike timm's default (its --no-ddp-bb turns it off): the only buffers that differ between processes
+    # are BatchNorm statistics, which --dist-bn reduce averages before every evaluation, as in timm. The others
+    # are PosMLP's constant relative-position tables, the same in every process, which broadcasting would send
+    # before every forward (about 17 MB for posmlp_t).
+    group.add_argument('--ddp-bb', **ON_OFF,
+                       help="DDP broadcasts process 0's buffers (BatchNorm statistics, PosMLP's relative-position "
+                            "tables) to the others before every forward")
 
     group = parser.add_argument_group('Batch and optimizer')
     group.add_argument('-b', '--batch-size', type=int, default=128, help='batch size per process')
@@ -338,6 +344,33 @@ def train_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_torchcompile_options(parser):
+    """--torchcompile [BACKEND] and --torchcompile-mode MODE, as in timm's train.py and validate.py."""
+    parser.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
+                        help='torch.compile the model (backend: inductor unless given)')
+    parser.add_argument('--torchcompile-mode', default=None, metavar='MODE',
+                        help="inductor's compile mode: default, reduce-overhead, max-autotune, ... (default: torch's)")
+
+
+def check_torchcompile(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """Stop with the option named when --torchcompile's backend or mode is not one torch.compile knows."""
+    if args.torchcompile_mode and args.torchcompile != 'inductor':
+        parser.error(f'--torchcompile-mode {args.torchcompile_mode} is a mode of the inductor backend: give '
+                     f'--torchcompile (inductor is its default) or leave the mode out.')
+    if not args.torchcompile:
+        return
+    import torch._dynamo  # slow to import: only when compiling
+    if args.torchcompile not in torch._dynamo.list_backends(exclude_tags=()):
+        parser.error(f'--torchcompile {args.torchcompile}: no such torch.compile backend; give one of '
+                     f'{", ".join(torch._dynamo.list_backends())}.')
+    if args.torchcompile_mode:
+        import torch._inductor
+        modes = torch._inductor.list_mode_options()
+        if args.torchcompile_mode not in modes:
+            parser.error(f'--torchcompile-mode {args.torchcompile_mode}: no such mode; give one of '
+                         f'{", ".join(modes)}.')
+
+
 # Integer options of train.py and validate.py whose smaller values make no sense: the least value, and what
 # it means where that helps.
 INTEGER_MINIMUMS = {
@@ -394,6 +427,7 @@ def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.clip_grad is not None and not args.clip_grad >= 0:
         parser.error(f'--clip-grad must be 0 or more, not {args.clip_grad:g}; 0 turns clipping off.')
     check_opt_betas(parser, args)
+    check_torchcompile(parser, args)
     mixing = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     if mixing and args.batch_size % 2:
         parser.error(f'mixup/cutmix mix each batch with its mirror, so -b/--batch-size must be even, '

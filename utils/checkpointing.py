@@ -18,6 +18,8 @@ from timm.utils import get_state_dict, unwrap_model
 import models
 from models import CheckpointError
 
+from .amp import scaler_kind, scaler_state_kind
+
 _logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
@@ -193,6 +195,20 @@ def resume_point(path: str) -> Tuple[int, Dict[str, Any]]:
     return int(checkpoint['epoch']), checkpoint['args']
 
 
+def _resume_loss_scaler(path: str, state: Optional[dict], loss_scaler):
+    """Load the scaler's state when the checkpoint has one of its kind; a run resumed with another kind of AMP
+    (apex, native float16) starts its scaler fresh, since each kind's state fails to load into the other."""
+    if state is None:
+        _logger.warning(f'{path} has no loss-scaler state (it was trained without a scaler: float32 or bfloat16); '
+                        f'the scaler starts fresh.')
+    elif scaler_state_kind(state) != scaler_kind(loss_scaler):
+        _logger.warning(f'{path} holds the loss-scaler state of {scaler_state_kind(state)}, and this run uses '
+                        f'{scaler_kind(loss_scaler)}: the scaler starts fresh (a few first updates may be skipped '
+                        f'while its loss scale settles).')
+    else:
+        loss_scaler.load_state_dict(state)
+
+
 def resume_training(path: str, model, optimizer, scheduler=None, loss_scaler=None, model_ema=None) -> int:
     """Restore model, optimizer, loss scaler and EMA from a checkpoint of this project's train.py; returns
     the epoch to continue with.
@@ -208,18 +224,15 @@ def resume_training(path: str, model, optimizer, scheduler=None, loss_scaler=Non
             f'--model-ema-decay), or resume with the run\'s own options: '
             f'-c {os.path.join(os.path.dirname(path), "args.yaml")}.')
     if loss_scaler is None and checkpoint.get('scaler') is not None:
-        _logger.warning(f'{path} holds loss-scaler state (the run used float16 AMP), but this run has no loss scaler '
-                        f'(no --amp, or bfloat16): its state is dropped and the next checkpoints are written without '
-                        f'it. Add --amp (--amp-dtype float16) to continue the run as it was.')
+        _logger.warning(f'{path} holds loss-scaler state (the run used float16 AMP or apex), but this run has no loss '
+                        f'scaler (no --amp, or bfloat16): its state is dropped and the next checkpoints are written '
+                        f'without it. Add --amp (--amp-dtype float16) to continue the run as it was.')
     models.load_weights(unwrap_model(model), checkpoint['state_dict'], f'{path} (state_dict)')
     optimizer.load_state_dict(checkpoint['optimizer'])
     if isinstance(scheduler, PlateauLRScheduler) and checkpoint['scheduler'] is not None:
         scheduler.load_state_dict(checkpoint['scheduler'])
     if loss_scaler is not None:
-        if checkpoint.get('scaler') is not None:
-            loss_scaler.load_state_dict(checkpoint['scaler'])
-        else:
-            _logger.warning(f'{path} has no loss-scaler state (it was trained without AMP); the scaler starts fresh.')
+        _resume_loss_scaler(path, checkpoint.get('scaler'), loss_scaler)
     if model_ema is not None:
         if isinstance(checkpoint.get('state_dict_ema'), dict):
             models.load_weights(model_ema.module, checkpoint['state_dict_ema'], f'{path} (state_dict_ema)')

@@ -1,7 +1,8 @@
 """The epoch loops: `train_one_epoch` and `evaluate`.
 
-Progress goes to the log of rank 0 only. A non-finite loss stops training before the step that would
-apply it, so the checkpoints on disk stay the last good ones.
+Progress goes to the log of rank 0 only. A non-finite loss stops every process at the next log line or
+at the end of the epoch, before the epoch's checkpoints are written, so the ones on disk stay the last good
+ones; the step itself reads no value off the device between forward and backward.
 """
 import contextlib
 import datetime
@@ -70,9 +71,13 @@ def train_one_epoch(epoch: int, model, loader, optimizer, loss_fn, runtime: Runt
     optimizer.zero_grad()
     accum = settings.grad_accum_steps
     steps = settings.steps
-    loss_sum, samples = 0., 0
-    batch_time, data_time, losses = AverageMeter(), AverageMeter(), AverageMeter()
-    end = time.time()
+    # The losses are summed on the device and read only at the log interval and the end of the epoch: reading
+    # one every step would make the host wait for the GPU before every backward. Throughput is timed over
+    # each log interval for the same reason: a step's own time ends before the device has run it.
+    losses = LossTally(runtime, epoch, steps)
+    data_time = AverageMeter()
+    epoch_start = interval_start = end = time.time()
+    interval_images = 0
     for step, (images, targets) in enumerate(loader):
         if step >= steps:
             break
@@ -92,12 +97,6 @@ def train_one_epoch(epoch: int, model, loader, optimizer, loss_fn, runtime: Runt
         with sync:
             with settings.autocast():
                 loss = loss_fn(model(images), targets)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(
-                    f'the loss became {loss_value} at epoch {epoch}, step {step + 1}/{steps}; stopped before applying '
-                    f'it, so the checkpoints on disk are the last good ones. Try a lower --lr, a longer '
-                    f'--warmup-epochs, --clip-grad, or training without --amp/--apex-amp.')
             _backward_and_step(loss / group_size, model, optimizer, settings, need_update)
         if need_update:
             optimizer.zero_grad()
@@ -107,21 +106,66 @@ def train_one_epoch(epoch: int, model, loader, optimizer, loss_fn, runtime: Runt
             if scheduler is not None:
                 scheduler.step_update(num_updates=num_updates)
 
-        loss_sum += loss_value * images.shape[0]
-        samples += images.shape[0]
-        losses.update(loss_value, images.shape[0])
-        batch_time.update(time.time() - end)
-        if runtime.is_primary and (step % settings.log_interval == 0 or step == steps - 1):
-            rate = images.shape[0] * runtime.world_size / max(batch_time.val, 1e-9)
-            _logger.info(
-                f'Train: {epoch} [{step + 1:>4d}/{steps} ({100. * (step + 1) / steps:3.0f}%)]  '
-                f'loss {losses.val:.4f} ({losses.avg:.4f})  lr {_mean_lr(optimizer):.3e}  '
-                f'{rate:7.1f} img/s  data {data_time.avg:.3f}s  '
-                f'eta {_format_eta(batch_time.avg * (steps - step - 1))}')
+        losses.add(loss, images.shape[0])
+        interval_images += images.shape[0]
+        if step % settings.log_interval == 0 or step == steps - 1:
+            epoch_loss, step_loss = losses.check()  # waits for the device to finish the steps so far
+            now = time.time()
+            if runtime.is_primary:
+                rate = interval_images * runtime.world_size / max(now - interval_start, 1e-9)
+                _logger.info(
+                    f'Train: {epoch} [{step + 1:>4d}/{steps} ({100. * (step + 1) / steps:3.0f}%)]  '
+                    f'loss {step_loss:.4f} ({epoch_loss:.4f})  lr {_mean_lr(optimizer):.3e}  '
+                    f'{rate:7.1f} img/s  data {data_time.avg:.3f}s  '
+                    f'eta {_format_eta((now - epoch_start) / (step + 1) * (steps - step - 1))}')
+            interval_start, interval_images = now, 0
         end = time.time()
     check_unreadable(loader.dataset, runtime)
-    total_loss, total_samples = sum_over_processes([loss_sum, samples], runtime)
-    return {'loss': total_loss / max(total_samples, 1), 'lr': _mean_lr(optimizer)}, num_updates
+    epoch_loss, _ = losses.check()
+    return {'loss': epoch_loss, 'lr': _mean_lr(optimizer)}, num_updates
+
+
+class LossTally:
+    """The training losses of an epoch, summed on the device and read where the processes meet anyway.
+
+    A NaN or infinite loss makes the float64 sum non-finite (finite losses cannot overflow it), so reading
+    the sum, summed over processes, is also the check that every process agrees on: they all stop together
+    with the same NonFiniteLossError, before the epoch's checkpoints are written.
+    """
+
+    def __init__(self, runtime: Runtime, epoch: int, steps: int):
+        self.runtime, self.epoch, self.steps = runtime, epoch, steps
+        self.total = torch.zeros((), dtype=torch.float64, device=runtime.device)
+        self.last = torch.zeros_like(self.total)
+        self.count, self.last_count = 0, 0
+        self.added_steps, self.checked_steps = 0, 0  # steps summed, and those known to have finite losses
+        self.means = (float('nan'), float('nan'))
+
+    def add(self, loss: torch.Tensor, count: int):
+        self.last = loss.detach().double() * count
+        self.total += self.last
+        self.count += count
+        self.last_count = count
+        self.added_steps += 1
+
+    def check(self) -> tuple:
+        """(mean loss of the epoch so far, of the last step) over all processes: a collective, unless no step
+        was added since the last check."""
+        if self.checked_steps == self.added_steps:
+            return self.means
+        total, count, last, last_count = sum_over_processes([self.total, self.count, self.last, self.last_count],
+                                                            self.runtime)
+        if not math.isfinite(total):
+            first, last = self.checked_steps + 1, self.added_steps
+            where = f'step {last}' if first == last else f'one of steps {first}-{last} (those since the last check)'
+            raise NonFiniteLossError(
+                f'the loss became {total} in epoch {self.epoch}, at {where} of {self.steps}, on at least one '
+                f'process. The updates up to step {last} may have been applied to the weights in memory, so training '
+                f'stopped before writing any checkpoint of this epoch: the ones on disk are the last good ones. Try '
+                f'a lower --lr, a longer --warmup-epochs, --clip-grad, or training without --amp/--apex-amp.')
+        self.checked_steps = self.added_steps
+        self.means = (total / max(count, 1), last / max(last_count, 1))
+        return self.means
 
 
 def _backward_and_step(loss, model, optimizer, settings: TrainSettings, need_update: bool):
