@@ -4,7 +4,8 @@ Image folders follow the ImageNet layout (`train/` and `val/` or `validation/`, 
 named by --val-split / validate.py's --split, one folder of images per class); any other timm
 dataset spec (`--dataset torch/cifar10`, `hfds/...`) goes to timm as is.
 Images that cannot be decoded are skipped with a warning and counted (training reads the next image
-instead, evaluation leaves them out); too many, over all processes, stop the run.
+instead, evaluation leaves them out); too many, over all processes, stop the run. An error raised by
+a transform is a bug, not a bad image: it stops the run naming the image and the operation.
 """
 import logging
 import multiprocessing
@@ -18,6 +19,7 @@ from timm.data import ImageDataset, create_dataset, create_transform, resolve_da
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, default_collate
 
 from .args import OptionError
+from .augmentation import use_exact_posterize
 from .distributed import Runtime
 
 _logger = logging.getLogger(__name__)
@@ -25,12 +27,27 @@ _logger = logging.getLogger(__name__)
 EVAL_SPLIT_NAMES = ('val', 'validation')
 LAYOUT = ('one folder per split, each with one folder of images per class, e.g. '
           '{root}/train/<class>/<image> and {root}/val/<class>/<image> (val/ may be named validation/)')
-# What may go wrong decoding a file that is not a (complete) image.
+# What may go wrong decoding a file that is not a (complete) image; only decoding, never a transform.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class DataError(RuntimeError):
     """The data cannot be used as given; the message names the problem and the fix."""
+
+
+class TransformError(RuntimeError):
+    """A transform failed on a readable image: a bug (of this project or timm), reported with its traceback."""
+
+
+def failing_operation(error: BaseException) -> str:
+    """The innermost timm or torchvision transform on `error`'s traceback, e.g. AugmentOp(name=Posterize, ...)."""
+    failing, frame = 'the transform', error.__traceback__
+    while frame is not None:
+        owner = frame.tb_frame.f_locals.get('self')
+        if callable(owner) and type(owner).__module__.startswith(('timm.data', 'torchvision.transforms')):
+            failing = repr(owner)
+        frame = frame.tb_next
+    return failing
 
 
 def _listing(folder: str) -> str:
@@ -158,6 +175,17 @@ class UnreadableImageSkipper(Dataset):
                 source.close()
         return image, target
 
+    def _transformed(self, index: int, image: Image.Image):
+        if self.transform is None:
+            return image
+        try:
+            return self.transform(image)
+        except Exception as error:
+            raise TransformError(
+                f'{failing_operation(error)} failed on {self.filename(index)} ({type(error).__name__}: {error}). '
+                f'The image decoded, so this is a bug in the transform, not a bad image: please report it '
+                f'with this message.') from error
+
     def __getitem__(self, index: int):
         tries = len(self) if self.substitute else 1  # training goes on to the next images in turn
         for attempt in range(tries):
@@ -167,7 +195,7 @@ class UnreadableImageSkipper(Dataset):
             except DECODE_ERRORS as error:
                 self._mark_bad(i, error)
                 continue
-            return (self.transform(image) if self.transform is not None else image), target
+            return self._transformed(i, image), target
         if self.substitute:
             raise DataError(f'none of the {len(self)} images in {self.reader.root} can be read.')
         return None  # evaluation leaves it out
@@ -282,11 +310,17 @@ def resolve_input_config(options: dict, model: torch.nn.Module) -> dict:
 
 def create_train_transform(args, data_config: dict):
     """Training augmentation from the recipe's options (RandAugment/AutoAugment, random erasing, ...)."""
-    return create_transform(
-        data_config['input_size'], is_training=True, no_aug=args.no_aug, scale=args.scale, ratio=args.ratio,
-        hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-        interpolation=args.train_interpolation, mean=data_config['mean'], std=data_config['std'],
-        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+    use_exact_posterize()
+    try:
+        return create_transform(
+            data_config['input_size'], is_training=True, no_aug=args.no_aug, scale=args.scale, ratio=args.ratio,
+            hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
+            interpolation=args.train_interpolation, mean=data_config['mean'], std=data_config['std'],
+            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+    except (AssertionError, KeyError, ValueError) as e:  # timm asserts on the policy strings it cannot parse
+        raise OptionError(f'cannot build the training transform ({type(e).__name__}: {e}); check --aa {args.aa!r} '
+                          f"(timm's policies: rand-m9-mstd0.5-inc1, original, v0, 3a, augmix-m5-w3, ...), "
+                          f'--remode and --train-interpolation.') from None
 
 
 def create_eval_transform(data_config: dict):
