@@ -115,7 +115,7 @@ def train(args):
         barrier(runtime)
         dataset = ''
     train_set, val_set = create_training_datasets(
-        dataset, args.data_dir, args.train_split, args.val_split, args.max_bad_images)
+        dataset, args.data_dir, args.train_split, args.val_split, args.max_bad_images, args.keep_empty_classes)
     num_classes = resolve_num_classes(train_set, args.num_classes)
     training_classes = class_to_idx(train_set)  # saved in checkpoints: folder name -> label
 

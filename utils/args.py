@@ -201,6 +201,8 @@ def train_parser() -> argparse.ArgumentParser:
     group.add_argument('--max-bad-images', type=int, default=None, metavar='N',
                        help='unreadable images that are skipped (with a warning each, all processes together) '
                             'before the run stops (default: 1%% of the split); image folders only')
+    group.add_argument('--keep-empty-classes', **ON_OFF,
+                       help='keep class folders without images as classes, instead of refusing them')
     group.add_argument('-j', '--workers', type=int, default=min(4, os.cpu_count() or 1),
                        help='data loading processes per training process')
     group.add_argument('--pin-mem', **ON_OFF, help='pin CPU memory of batches (CUDA)')

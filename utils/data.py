@@ -1,8 +1,9 @@
-"""Data for training and validation: where the splits are, reading images, transforms and loaders.
+"""Data for training and validation: where the splits are, their datasets and transforms.
 
 Image folders follow the ImageNet layout (`train/` and `val/` or `validation/`, or the split folder
-named by --val-split / validate.py's --split, one folder of images per class); any other timm
-dataset spec (`--dataset torch/cifar10`, `hfds/...`) goes to timm as is.
+named by --val-split / validate.py's --split, one folder of images per class); how images are
+labelled and decoded is in utils/images.py. Any other timm dataset spec
+(`--dataset torch/cifar10`, `hfds/...`) goes to timm as is.
 Images that cannot be decoded are skipped with a warning and counted (training reads the next image
 instead, evaluation leaves them out); too many, over all processes, stop the run. An error raised by
 a transform is a bug, not a bad image: it stops the run naming the image and the operation.
@@ -15,12 +16,13 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 from PIL import Image
-from timm.data import ImageDataset, create_dataset, create_transform, resolve_data_config
+from timm.data import create_dataset, create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, default_collate
 
 from .args import OptionError
 from .augmentation import use_exact_posterize
 from .distributed import Runtime
+from .images import ClassFolderError, ClassFolderReader, find_class_folders, log_class_folders, read_rgb
 
 _logger = logging.getLogger(__name__)
 
@@ -108,7 +110,8 @@ def evaluation_folder(path: str, split: str = 'validation') -> str:
 
 
 class UnreadableImageSkipper(Dataset):
-    """A timm ImageDataset that skips the images it cannot decode, warning about each once and counting them.
+    """An image folder (read by `images.ClassFolderReader`) that skips the images it cannot decode, warning
+    about each once and counting them.
 
     For training (`substitute`) an unreadable image is replaced by the next readable one, so batches
     stay full; for evaluation it is left out (its sample is None, dropped by `collate_readable`), so
@@ -116,9 +119,8 @@ class UnreadableImageSkipper(Dataset):
     merges them over processes and raises when more than `max_bad` images are unreadable.
     """
 
-    def __init__(self, dataset: ImageDataset, max_bad: int, substitute: bool):
-        self.reader = dataset.reader
-        self.img_mode = dataset.input_img_mode
+    def __init__(self, reader: ClassFolderReader, max_bad: int, substitute: bool):
+        self.reader = reader
         self.transform = None
         self.max_bad = max_bad
         self.substitute = substitute
@@ -165,16 +167,6 @@ class UnreadableImageSkipper(Dataset):
         if first_time:
             _logger.warning(f'Skipped unreadable image {self.filename(index)}: {error}')
 
-    def _load(self, index: int):
-        source, target = self.reader[index][:2]
-        try:
-            with Image.open(source) as image:
-                image = image.convert(self.img_mode) if self.img_mode else image.copy()
-        finally:
-            if hasattr(source, 'close'):
-                source.close()
-        return image, target
-
     def _transformed(self, index: int, image: Image.Image):
         if self.transform is None:
             return image
@@ -190,8 +182,9 @@ class UnreadableImageSkipper(Dataset):
         tries = len(self) if self.substitute else 1  # training goes on to the next images in turn
         for attempt in range(tries):
             i = (index + attempt) % len(self)
+            path, target = self.reader.samples[i]
             try:
-                image, target = self._load(i)
+                image = read_rgb(path)
             except DECODE_ERRORS as error:
                 self._mark_bad(i, error)
                 continue
@@ -208,11 +201,12 @@ def collate_readable(samples: list):
 
 
 def create_split_dataset(name: str, root: str, split: str, max_bad_images: Optional[int] = None,
-                         class_map: Optional[dict] = None) -> Dataset:
+                         class_map: Optional[dict] = None, keep_empty_classes: bool = False) -> Dataset:
     """A dataset whose `transform` attribute is applied to every image.
 
-    `name` '' (an image folder, `root` being the split folder itself) or a timm dataset spec.
-    `max_bad_images` defaults to 1% of the split (at least one); it applies to image folders only.
+    `name` '' (an image folder, `root` being the split folder itself, labelled as utils/images.py says) or
+    a timm dataset spec. `max_bad_images` defaults to 1% of the split (at least one); it applies to
+    image folders only.
     """
     if name:
         if max_bad_images is not None:
@@ -224,17 +218,17 @@ def create_split_dataset(name: str, root: str, split: str, max_bad_images: Optio
             hint = (' This project never downloads data (torchvision\'s "download=True" hint does not apply): put the '
                     'files torchvision expects under that root first.' if name.startswith('torch/') else '')
             raise DataError(f'cannot create dataset {name!r} (split {split!r}) from {root}: {e}{hint}') from None
+    layout = f'Expected layout: {LAYOUT.format(root=os.path.dirname(root) or root)}.'
     try:
-        dataset = create_dataset('', root=root, search_split=False, class_map=class_map)
-    except RuntimeError as e:  # timm: no images found
-        raise DataError(f'{e} Expected layout: {LAYOUT.format(root=os.path.dirname(root) or root)}.') from None
-    if '' in (class_to_idx(dataset) or {}):  # timm names the class of images lying in `root` itself ''
-        raise DataError(f'{root} holds images directly; they need one subfolder per class, {root}/<class>/<image> '
-                        f'(the layout of torchvision\'s ImageFolder). Expected layout: '
-                        f'{LAYOUT.format(root=os.path.dirname(root) or root)}.')
+        found = find_class_folders(root, class_map, keep_empty_classes)
+    except ClassFolderError as e:
+        raise DataError(f'{e} {layout}') from None
+    if not found.samples:
+        raise DataError(f'found no images in the class folders of {root}. {layout}')
+    log_class_folders(root, found)
     if max_bad_images is None:
-        max_bad_images = max(1, len(dataset) // 100)
-    return UnreadableImageSkipper(dataset, max_bad_images, substitute=split == 'train')
+        max_bad_images = max(1, len(found.samples) // 100)
+    return UnreadableImageSkipper(ClassFolderReader(root, found), max_bad_images, substitute=split == 'train')
 
 
 def class_to_idx(dataset: Dataset) -> Optional[dict]:
@@ -261,23 +255,26 @@ def num_classes_of(dataset: Dataset) -> int:
     raise DataError('cannot tell how many classes the dataset has; pass --num-classes.')
 
 
+def class_folder_names(split_dir: str) -> list:
+    return [e.name for e in os.scandir(split_dir) if e.is_dir()]
+
+
 def create_training_datasets(name: str, root: str, train_split: str, val_split: str,
-                             max_bad_images: Optional[int]) -> Tuple[Dataset, Dataset]:
-    """Training and validation datasets; the validation classes are indexed as in training."""
+                             max_bad_images: Optional[int], keep_empty_classes: bool = False) -> Tuple[Dataset, Dataset]:
+    """Training and validation datasets; the validation classes are labelled as in training."""
     if name:
         require_dir(root)
         return (create_split_dataset(name, root, train_split, max_bad_images),
                 create_split_dataset(name, root, val_split, max_bad_images))
     train_dir, val_dir = folder_splits(root, train_split, val_split)
-    train_set = create_split_dataset('', train_dir, 'train', max_bad_images)
-    val_set = create_split_dataset('', val_dir, 'validation', max_bad_images)
-    train_classes, val_classes = class_to_idx(train_set), class_to_idx(val_set)
-    unknown = sorted(set(val_classes) - set(train_classes))
+    train_set = create_split_dataset('', train_dir, 'train', max_bad_images, keep_empty_classes=keep_empty_classes)
+    train_classes = class_to_idx(train_set)
+    unknown = sorted(set(class_folder_names(val_dir)) - set(train_classes))
     if unknown:
         raise DataError(f'{val_dir} has classes that {train_dir} lacks: {", ".join(unknown[:10])}; '
                         f'both splits need the same class folders.')
-    if val_classes != train_classes:
-        val_set = create_split_dataset('', val_dir, 'validation', max_bad_images, class_map=train_classes)
+    val_set = create_split_dataset('', val_dir, 'validation', max_bad_images, class_map=train_classes,
+                                   keep_empty_classes=keep_empty_classes)
     return train_set, val_set
 
 
