@@ -29,13 +29,14 @@ from timm.utils import ParseKwargs
 import models
 from models import CheckpointError
 from utils.amp import resolve_precision
-from utils.args import OptionError, check_integer_minimums, resolve_data_root
+from utils.args import OptionError, add_loader_options, check_integer_minimums, resolve_data_root
 from utils.data import (
-    DataError, build_loader, class_folder_names, class_to_idx, create_eval_transform, create_split_dataset,
-    evaluation_folder, num_classes_of, resolve_input_config, unreadable_count,
+    DataError, class_folder_names, class_to_idx, create_split_dataset, evaluation_folder, num_classes_of,
+    resolve_input_config, unreadable_count,
 )
 from utils.distributed import device_problem, init_runtime, run_script
 from utils.engine import evaluate
+from utils.loaders import build_eval_loader, loader_options
 from utils.outputs import setup_logging
 
 _logger = logging.getLogger('validate')
@@ -72,8 +73,7 @@ def validate_parser() -> argparse.ArgumentParser:
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                         help='more model arguments, values as Python literals')
     parser.add_argument('-b', '--batch-size', type=int, default=256, help='batch size per process')
-    parser.add_argument('-j', '--workers', type=int, default=min(4, os.cpu_count() or 1),
-                        help='data loading processes per process')
+    add_loader_options(parser, 'process')
     parser.add_argument('--keep-empty-classes', action='store_true',
                         help='keep class folders without images as classes, instead of refusing them')
     parser.add_argument('--amp', action='store_true', help='native torch mixed precision')
@@ -193,8 +193,7 @@ def validate(args) -> dict:
         options.pop('input_size', None)
     options.update(given)
     data_config = resolve_input_config(options, model)
-    dataset.transform = create_eval_transform(data_config)
-    loader = build_loader(dataset, args.batch_size, False, runtime, args.workers)
+    loader = build_eval_loader(dataset, data_config, args.batch_size, runtime, loader_options(args, runtime.device))
 
     model.to(runtime.device)
     if args.channels_last:

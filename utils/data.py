@@ -2,7 +2,7 @@
 
 Image folders follow the ImageNet layout (`train/` and `val/` or `validation/`, or the split folder
 named by --val-split / validate.py's --split, one folder of images per class); how images are
-labelled and decoded is in utils/images.py. Any other timm dataset spec
+labelled and decoded is in utils/images.py, batching in utils/loaders.py. Any other timm dataset spec
 (`--dataset torch/cifar10`, `hfds/...`) goes to timm as is.
 Images that cannot be decoded are skipped with a warning and counted (training reads the next image
 instead, evaluation leaves them out); too many, over all processes, stop the run. An error raised by
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from timm.data import create_dataset, create_transform, resolve_data_config
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, default_collate
+from torch.utils.data import Dataset
 
 from .args import OptionError
 from .augmentation import use_exact_posterize
@@ -114,7 +114,7 @@ class UnreadableImageSkipper(Dataset):
     about each once and counting them.
 
     For training (`substitute`) an unreadable image is replaced by the next readable one, so batches
-    stay full; for evaluation it is left out (its sample is None, dropped by `collate_readable`), so
+    stay full; for evaluation it is left out (its sample is None, dropped by the loader's collate), so
     no image counts twice. The flags are shared with the DataLoader workers; `check_unreadable`
     merges them over processes and raises when more than `max_bad` images are unreadable.
     """
@@ -192,12 +192,6 @@ class UnreadableImageSkipper(Dataset):
         if self.substitute:
             raise DataError(f'none of the {len(self)} images in {self.reader.root} can be read.')
         return None  # evaluation leaves it out
-
-
-def collate_readable(samples: list):
-    """default_collate over the samples that could be read (the others are None); None when none could."""
-    readable = [s for s in samples if s is not None]
-    return default_collate(readable) if readable else None
 
 
 def create_split_dataset(name: str, root: str, split: str, max_bad_images: Optional[int] = None,
@@ -305,57 +299,28 @@ def resolve_input_config(options: dict, model: torch.nn.Module) -> dict:
     return resolve_data_config(options, model=model)
 
 
-def create_train_transform(args, data_config: dict):
-    """Training augmentation from the recipe's options (RandAugment/AutoAugment, random erasing, ...)."""
+def create_train_transform(args, data_config: dict, prefetcher: bool = False):
+    """Training augmentation from the recipe's options (RandAugment/AutoAugment, random erasing, ...).
+
+    With `prefetcher` it ends in uint8 tensors, and timm's PrefetchLoader normalises and random-erases
+    on the device (see utils/loaders.py).
+    """
     use_exact_posterize()
     try:
         return create_transform(
             data_config['input_size'], is_training=True, no_aug=args.no_aug, scale=args.scale, ratio=args.ratio,
             hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
             interpolation=args.train_interpolation, mean=data_config['mean'], std=data_config['std'],
-            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, use_prefetcher=prefetcher)
     except (AssertionError, KeyError, ValueError) as e:  # timm asserts on the policy strings it cannot parse
         raise OptionError(f'cannot build the training transform ({type(e).__name__}: {e}); check --aa {args.aa!r} '
                           f"(timm's policies: rand-m9-mstd0.5-inc1, original, v0, 3a, augmix-m5-w3, ...), "
                           f'--remode and --train-interpolation.') from None
 
 
-def create_eval_transform(data_config: dict):
+def create_eval_transform(data_config: dict, prefetcher: bool = False):
     """The one evaluation transform, shared by training-time eval and validate.py so they agree exactly."""
     return create_transform(
         data_config['input_size'], is_training=False, interpolation=data_config['interpolation'],
         mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct'],
-        crop_mode=data_config['crop_mode'])
-
-
-class UnpaddedDistributedSampler(Sampler):
-    """Every rank-th index from this rank's offset, without the padding DistributedSampler adds, so
-    summing results over processes counts every sample exactly once."""
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
-        self.indices = range(rank, len(dataset), num_replicas)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def build_loader(dataset: Dataset, batch_size: int, is_training: bool, runtime: Runtime,
-                  workers: int, pin_memory: bool = False, seed: int = 0) -> DataLoader:
-    """Shuffled, drop-last batches for training (sharded per process); all samples in order for eval,
-    without the unreadable ones (a batch of only unreadable images is None)."""
-    if is_training and runtime.distributed:
-        sampler = DistributedSampler(dataset, runtime.world_size, runtime.rank, shuffle=True, seed=seed)
-    elif is_training:
-        sampler = None
-    elif runtime.distributed:
-        sampler = UnpaddedDistributedSampler(dataset, runtime.world_size, runtime.rank)
-    else:
-        sampler = SequentialSampler(dataset)
-    return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, shuffle=is_training and sampler is None,
-        drop_last=is_training, num_workers=workers, pin_memory=pin_memory and runtime.device.type == 'cuda',
-        persistent_workers=workers > 0, collate_fn=None if is_training else collate_readable)
-
+        crop_mode=data_config['crop_mode'], use_prefetcher=prefetcher)
