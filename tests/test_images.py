@@ -14,6 +14,7 @@ import models
 import train
 import validate
 from utils.data import DataError, class_to_idx, create_split_dataset, create_training_datasets, unreadable_count
+from utils import images
 from utils.images import read_rgb, to_rgb
 
 RNG = np.random.default_rng(0)
@@ -98,6 +99,19 @@ def test_files_that_are_not_images_are_counted_and_other_image_formats_read(tmp_
         dataset = create_split_dataset('', str(data / 'train'), 'train')
     assert len(dataset) == 3
     assert '1 files in the class folders are not images by their extension' in caplog.text
+
+
+def test_a_folder_that_cannot_be_listed_is_named_not_skipped(tmp_path, monkeypatch):
+    data = make_image_folder(tmp_path / 'data', classes=('a',), per_class=1, splits=('train',))
+    locked = data / 'train' / 'a' / 'locked'
+    walk = images.os.walk
+
+    def walk_meeting_a_locked_folder(top, onerror=None, **kwargs):
+        onerror(PermissionError(13, 'Permission denied', str(locked)))  # as os.walk reports it (root reads all)
+        yield from walk(top, onerror=onerror, **kwargs)
+    monkeypatch.setattr(images.os, 'walk', walk_meeting_a_locked_folder)
+    with pytest.raises(DataError, match=f'cannot list {locked}: Permission denied; its images would be left out'):
+        create_split_dataset('', str(data / 'train'), 'train')
 
 
 # Pixels -----------------------------------------------------------------------------------------------------------

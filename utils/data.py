@@ -217,6 +217,8 @@ def create_split_dataset(name: str, root: str, split: str, max_bad_images: Optio
         found = find_class_folders(root, class_map, keep_empty_classes)
     except ClassFolderError as e:
         raise DataError(f'{e} {layout}') from None
+    except OSError as e:
+        raise DataError(f'cannot list {root}: {e.strerror}; make it readable.') from None
     if not found.samples:
         raise DataError(f'found no images in the class folders of {root}. {layout}')
     log_class_folders(root, found)

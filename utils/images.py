@@ -19,7 +19,7 @@ clipped (Pillow's own convert('RGB') clips 16-bit grey to nearly white):
   widen the range to [min(0, lowest), max(1, highest)]. NaN or infinite values make the image unreadable.
 - transparency (alpha in 'RGBA', 'LA', 'PA', premultiplied 'RGBa' and 'La', a transparent palette
   entry or colour of 'P', 'L', 'RGB', 'I;16'...): composited over white, as a page shows the image.
-Scaled values are rounded to the nearest level. Embedded ICC profiles and EXIF orientation are not
+Scaled values are rounded to the nearest level, halves up. Embedded ICC profiles and EXIF orientation are not
 applied, as in timm and torchvision, whose pretrained weights were trained and evaluated without them.
 """
 import logging
@@ -62,10 +62,15 @@ class ClassFolders:
     empty_classes: List[str]  # class folders with no image at any depth, kept as classes on request
 
 
+def _unlistable(error: OSError):
+    raise ClassFolderError(f'cannot list {error.filename}: {error.strerror}; its images would be left out. '
+                           f'Make it readable, or remove it.')
+
+
 def _images_below(folder: str, extensions: set) -> Tuple[List[str], int, int]:
     """(image paths at any depth below `folder`, how many lie in its subfolders, files that are not images)."""
     images, in_subfolders, not_images = [], 0, 0
-    for root, _, files in os.walk(folder, followlinks=True):
+    for root, _, files in os.walk(folder, onerror=_unlistable, followlinks=True):
         found = [os.path.join(root, f) for f in files if os.path.splitext(f)[1].lower() in extensions]
         images += found
         in_subfolders += len(found) if root != folder else 0
