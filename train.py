@@ -164,7 +164,7 @@ def train(args):
     train_loader, device_mixup = build_train_loader(train_set, args, data_config, runtime, num_classes, loading)
     val_loader = build_eval_loader(val_set, data_config, args.validation_batch_size or args.batch_size, runtime,
                                    loading)
-    _logger.info(f'Loading: {loading.workers} workers per process, '
+    _logger.info(f'Loading: {loading.workers} DataLoader worker(s) per process, '
                  f'{"timm prefetcher (uint8 batches normalised on the device)" if loading.prefetcher else "no prefetcher"}'
                  f'{", pinned memory" if loading.pin_memory else ""}')
     steps = min(len(train_loader), args.max_steps_per_epoch or len(train_loader))
