@@ -5,7 +5,7 @@
     ./distributed_train.sh 8 /path/to/imagenet -c configs/posmlp_t.yaml
 
 Options: `python train.py --help`. The epoch loops are in utils/engine.py; checkpoints, resuming and
-the kept files in utils/checkpointing.py; data in utils/data.py.
+the kept files in utils/checkpointing.py; data in utils/data.py, batches in utils/loaders.py.
 """
 import inspect
 import logging
@@ -17,7 +17,6 @@ import warnings
 import timm
 import torch
 import torch.nn as nn
-from timm.data import Mixup
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -30,12 +29,12 @@ from utils.amp import resolve_precision, use_tf32_and_cudnn_benchmark
 from utils.args import OptionError, parse_train_args, plain_args, write_args_yaml
 from utils.checkpointing import CheckpointKeeper, resume_point, resume_training, training_state
 from utils.data import (
-    DataError, build_loader, class_to_idx, create_eval_transform, create_train_transform, create_training_datasets,
-    resolve_input_config, resolve_num_classes, unreadable_count,
+    DataError, class_to_idx, create_training_datasets, resolve_input_config, resolve_num_classes, unreadable_count,
 )
 from utils.digits import prepare_digits
 from utils.distributed import barrier, from_primary, init_runtime, run_script
 from utils.engine import NonFiniteLossError, TrainSettings, evaluate, train_one_epoch, updates_per_epoch
+from utils.loaders import build_eval_loader, build_train_loader, loader_options, mixup_arguments, stop_mixing
 from utils.outputs import (
     LOG_FILE, SUMMARY_FILE, WandbLogger, append_summary, args_yaml_path, claim_run_folder, format_metrics,
     setup_logging, summary_row, supersede_summary_rows,
@@ -136,7 +135,7 @@ def train(args):
         barrier(runtime)
         dataset = ''
     train_set, val_set = create_training_datasets(
-        dataset, args.data_dir, args.train_split, args.val_split, args.max_bad_images)
+        dataset, args.data_dir, args.train_split, args.val_split, args.max_bad_images, args.keep_empty_classes)
     num_classes = resolve_num_classes(train_set, args.num_classes)
     training_classes = class_to_idx(train_set)  # saved in checkpoints: folder name -> label
 
@@ -159,8 +158,6 @@ def train(args):
     # Transforms follow the model's data config unless the options override it.
     input_options = ('input_size', 'img_size', 'in_chans', 'crop_pct', 'mean', 'std', 'interpolation')
     data_config = resolve_input_config({k: getattr(args, k) for k in input_options}, model)
-    train_set.transform = create_train_transform(args, data_config)
-    val_set.transform = create_eval_transform(data_config)
     _logger.info(f'Data {args.data_dir}: {len(train_set)} train and {len(val_set)} val images, config {data_config}')
 
     model.to(runtime.device)
@@ -184,9 +181,13 @@ def train(args):
     model_ema = None
     if args.model_ema:
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
-    train_loader = build_loader(train_set, args.batch_size, True, runtime, args.workers, args.pin_mem, args.seed)
-    val_loader = build_loader(val_set, args.validation_batch_size or args.batch_size, False, runtime, args.workers,
-                              args.pin_mem)
+    loading = loader_options(args, runtime.device)
+    train_loader, device_mixup = build_train_loader(train_set, args, data_config, runtime, num_classes, loading)
+    val_loader = build_eval_loader(val_set, data_config, args.validation_batch_size or args.batch_size, runtime,
+                                   loading)
+    _logger.info(f'Loading: {loading.workers} DataLoader worker(s) per process, '
+                 f'{"timm prefetcher (uint8 batches normalised on the device)" if loading.prefetcher else "no prefetcher"}'
+                 f'{", pinned memory" if loading.pin_memory else ""}')
     steps = min(len(train_loader), args.max_steps_per_epoch or len(train_loader))
     if steps == 0:
         raise DataError(f'{len(train_set)} training images make no full batch of {args.batch_size} per process; '
@@ -223,16 +224,12 @@ def train(args):
         model = wrap_ddp(model, runtime, args)
 
     # Mixup/cutmix make soft targets; the loss follows.
-    mixup = None
-    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
-        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                      prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                      label_smoothing=args.smoothing, num_classes=num_classes)
-    loss_fn = training_loss(args, mixup is not None).to(runtime.device)
+    mixing = mixup_arguments(args, num_classes) is not None
+    loss_fn = training_loss(args, mixing).to(runtime.device)
     settings = TrainSettings(
         steps=steps, grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad or None,
         clip_mode=args.clip_mode, channels_last=args.channels_last, log_interval=args.log_interval,
-        autocast=precision.autocast, loss_scaler=precision.loss_scaler, mixup=mixup)
+        autocast=precision.autocast, loss_scaler=precision.loss_scaler, mixup=device_mixup)
 
     keeper, wandb_logger, summary_path = None, None, os.path.join(output_dir, SUMMARY_FILE)
     if runtime.is_primary:
@@ -254,8 +251,8 @@ def train(args):
         epoch_start = time.time()
         if runtime.distributed:
             train_loader.sampler.set_epoch(epoch)
-        if mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-            mixup.mixup_enabled = False
+        if mixing and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            stop_mixing(train_loader, device_mixup)
         train_metrics, num_updates = train_one_epoch(
             epoch, model, train_loader, optimizer, loss_fn, runtime, settings,
             scheduler=scheduler, model_ema=model_ema, num_updates=num_updates)

@@ -30,14 +30,16 @@ import models
 from models import CheckpointError
 from utils.amp import resolve_precision, use_tf32_and_cudnn_benchmark
 from utils.args import (
-    OptionError, add_torchcompile_options, check_integer_minimums, check_torchcompile, resolve_data_root,
+    OptionError, add_loader_options, add_torchcompile_options, check_integer_minimums, check_torchcompile,
+    resolve_data_root,
 )
 from utils.data import (
-    DataError, build_loader, class_to_idx, create_eval_transform, create_split_dataset, evaluation_folder,
-    num_classes_of, resolve_input_config, unreadable_count,
+    DataError, class_folder_names, class_to_idx, create_split_dataset, evaluation_folder, num_classes_of,
+    resolve_input_config, unreadable_count,
 )
 from utils.distributed import device_problem, init_runtime, run_script
 from utils.engine import evaluate
+from utils.loaders import build_eval_loader, loader_options
 from utils.outputs import setup_logging
 
 _logger = logging.getLogger('validate')
@@ -74,8 +76,9 @@ def validate_parser() -> argparse.ArgumentParser:
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                         help='more model arguments, values as Python literals')
     parser.add_argument('-b', '--batch-size', type=int, default=256, help='batch size per process')
-    parser.add_argument('-j', '--workers', type=int, default=min(4, os.cpu_count() or 1),
-                        help='data loading processes per process')
+    add_loader_options(parser, 'process')
+    parser.add_argument('--keep-empty-classes', action='store_true',
+                        help='keep class folders without images as classes, instead of refusing them')
     parser.add_argument('--amp', action='store_true', help='native torch mixed precision')
     parser.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'),
                         help='autocast type; implies --amp (default: bfloat16 on the CPU, float16 on CUDA)')
@@ -120,24 +123,25 @@ def wanted_class_map(args) -> tuple:
 def labelled_folder(data_dir: str, args, model_classes: Optional[int]):
     """The image folder with each class folder labelled as the model's head has it.
 
-    Labels come from a class map (given or stored in the checkpoint); without one the folders are
-    numbered in sorted order, which is right only when the folder holds every class of the head.
+    Labels come from a class map (given or stored in the checkpoint); without one the class folders are
+    numbered in order, which is right only when the folder holds every class of the head.
     """
-    dataset = create_split_dataset('', data_dir, 'validation', args.max_bad_images)
-    folder_classes = class_to_idx(dataset)
     class_map, source = wanted_class_map(args)
     if class_map is None:
-        if model_classes and len(folder_classes) > model_classes:
-            raise DataError(f'{data_dir} has {len(folder_classes)} classes but the model predicts {model_classes}; '
+        dataset = create_split_dataset('', data_dir, 'validation', args.max_bad_images,
+                                       keep_empty_classes=args.keep_empty_classes)
+        folder_classes = len(class_to_idx(dataset))
+        if model_classes and folder_classes > model_classes:
+            raise DataError(f'{data_dir} has {folder_classes} classes but the model predicts {model_classes}; '
                             f'evaluate it on the validation split of the data it was trained on.')
-        if model_classes and len(folder_classes) < model_classes:
+        if model_classes and folder_classes < model_classes:
             raise DataError(
-                f'{data_dir} has {len(folder_classes)} class folders but the model predicts {model_classes} '
+                f'{data_dir} has {folder_classes} class folders but the model predicts {model_classes} '
                 f'classes, and nothing says which labels those folders are: numbering them from 0 would mislabel '
                 f'them. Pass --class-map FILE (the training class names, one a line in label order), or evaluate '
                 f"a checkpoint written by this project's train.py, which stores the map.")
         return dataset
-    unknown = sorted(set(folder_classes) - set(class_map))
+    unknown = sorted(set(class_folder_names(data_dir)) - set(class_map))
     if unknown:
         raise DataError(f'{data_dir} has class folders that {source} lacks: {", ".join(unknown[:10])}'
                         f'{f" ... ({len(unknown)} in all)" if len(unknown) > 10 else ""}; evaluate on classes '
@@ -145,9 +149,8 @@ def labelled_folder(data_dir: str, args, model_classes: Optional[int]):
     if model_classes and max(class_map.values()) >= model_classes:
         raise DataError(f'{source} has labels up to {max(class_map.values())}, but the model predicts only '
                         f'{model_classes} classes; give the class map of its training data.')
-    if folder_classes == class_map:
-        return dataset
-    return create_split_dataset('', data_dir, 'validation', args.max_bad_images, class_map=class_map)
+    return create_split_dataset('', data_dir, 'validation', args.max_bad_images, class_map=class_map,
+                                keep_empty_classes=args.keep_empty_classes)
 
 
 def write_results(path: str, results: dict):
@@ -195,8 +198,7 @@ def validate(args) -> dict:
         options.pop('input_size', None)
     options.update(given)
     data_config = resolve_input_config(options, model)
-    dataset.transform = create_eval_transform(data_config)
-    loader = build_loader(dataset, args.batch_size, False, runtime, args.workers)
+    loader = build_eval_loader(dataset, data_config, args.batch_size, runtime, loader_options(args, runtime.device))
 
     model.to(runtime.device)
     if args.channels_last:

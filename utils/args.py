@@ -173,6 +173,27 @@ def warn_of_config_resume(parser: argparse.ArgumentParser, args: argparse.Namesp
 ON_OFF = dict(action=argparse.BooleanOptionalAction, default=False)
 
 
+def default_workers() -> int:
+    """DataLoader workers per process: the CPUs this process may run on, shared among the processes torchrun
+    starts on this node (LOCAL_WORLD_SIZE), less one for the process itself; at least one."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    processes = max(1, int(os.environ.get('LOCAL_WORLD_SIZE') or 1))
+    return max(1, cpus // processes - 1)
+
+
+def add_loader_options(group, per: str):
+    """-j, --pin-mem and --prefetcher, shared by train.py and validate.py (see utils/loaders.py)."""
+    group.add_argument('-j', '--workers', type=int, default=default_workers(),
+                       help=f'data loading processes per {per}; the default is the CPUs available to each process '
+                            f'on this node, less one')
+    group.add_argument('--pin-mem', action=argparse.BooleanOptionalAction, default=None,
+                       help='pin CPU memory of batches for faster copies to the GPU; None: on with CUDA')
+    group.add_argument('--prefetcher', action=argparse.BooleanOptionalAction, default=None,
+                       help="timm's GPU data path: uint8 batches (mixup/cutmix in the collate) copied to the device on "
+                            "a side stream, then normalised and random-erased there; --no-prefetcher does all of it "
+                            "in the workers and mixes on the device. None: on with CUDA, off on the CPU")
+
+
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='train.py',
@@ -201,9 +222,9 @@ def train_parser() -> argparse.ArgumentParser:
     group.add_argument('--max-bad-images', type=int, default=None, metavar='N',
                        help='unreadable images that are skipped (with a warning each, all processes together) '
                             'before the run stops (default: 1%% of the split); image folders only')
-    group.add_argument('-j', '--workers', type=int, default=min(4, os.cpu_count() or 1),
-                       help='data loading processes per training process')
-    group.add_argument('--pin-mem', **ON_OFF, help='pin CPU memory of batches (CUDA)')
+    group.add_argument('--keep-empty-classes', **ON_OFF,
+                       help='keep class folders without images as classes, instead of refusing them')
+    add_loader_options(group, 'training process')
 
     group = parser.add_argument_group('Model')
     group.add_argument('--model', default='posmlp_t', help='timm model name')

@@ -1,10 +1,12 @@
-"""Data for training and validation: where the splits are, reading images, transforms and loaders.
+"""Data for training and validation: where the splits are, their datasets and transforms.
 
 Image folders follow the ImageNet layout (`train/` and `val/` or `validation/`, or the split folder
-named by --val-split / validate.py's --split, one folder of images per class); any other timm
-dataset spec (`--dataset torch/cifar10`, `hfds/...`) goes to timm as is.
+named by --val-split / validate.py's --split, one folder of images per class); how images are
+labelled and decoded is in utils/images.py, batching in utils/loaders.py. Any other timm dataset spec
+(`--dataset torch/cifar10`, `hfds/...`) goes to timm as is.
 Images that cannot be decoded are skipped with a warning and counted (training reads the next image
-instead, evaluation leaves them out); too many, over all processes, stop the run.
+instead, evaluation leaves them out); too many, over all processes, stop the run. An error raised by
+a transform is a bug, not a bad image: it stops the run naming the image and the operation.
 """
 import logging
 import multiprocessing
@@ -14,23 +16,40 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 from PIL import Image
-from timm.data import ImageDataset, create_dataset, create_transform, resolve_data_config
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, default_collate
+from timm.data import create_dataset, create_transform, resolve_data_config
+from torch.utils.data import Dataset
 
 from .args import OptionError
+from .augmentation import use_exact_posterize
 from .distributed import Runtime
+from .images import ClassFolderError, ClassFolderReader, find_class_folders, log_class_folders, read_rgb
 
 _logger = logging.getLogger(__name__)
 
 EVAL_SPLIT_NAMES = ('val', 'validation')
 LAYOUT = ('one folder per split, each with one folder of images per class, e.g. '
           '{root}/train/<class>/<image> and {root}/val/<class>/<image> (val/ may be named validation/)')
-# What may go wrong decoding a file that is not a (complete) image.
+# What may go wrong decoding a file that is not a (complete) image; only decoding, never a transform.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class DataError(RuntimeError):
     """The data cannot be used as given; the message names the problem and the fix."""
+
+
+class TransformError(RuntimeError):
+    """A transform failed on a readable image: a bug (of this project or timm), reported with its traceback."""
+
+
+def failing_operation(error: BaseException) -> str:
+    """The innermost timm or torchvision transform on `error`'s traceback, e.g. AugmentOp(name=Posterize, ...)."""
+    failing, frame = 'the transform', error.__traceback__
+    while frame is not None:
+        owner = frame.tb_frame.f_locals.get('self')
+        if callable(owner) and type(owner).__module__.startswith(('timm.data', 'torchvision.transforms')):
+            failing = repr(owner)
+        frame = frame.tb_next
+    return failing
 
 
 def _listing(folder: str) -> str:
@@ -91,17 +110,17 @@ def evaluation_folder(path: str, split: str = 'validation') -> str:
 
 
 class UnreadableImageSkipper(Dataset):
-    """A timm ImageDataset that skips the images it cannot decode, warning about each once and counting them.
+    """An image folder (read by `images.ClassFolderReader`) that skips the images it cannot decode, warning
+    about each once and counting them.
 
     For training (`substitute`) an unreadable image is replaced by the next readable one, so batches
-    stay full; for evaluation it is left out (its sample is None, dropped by `collate_readable`), so
+    stay full; for evaluation it is left out (its sample is None, dropped by the loader's collate), so
     no image counts twice. The flags are shared with the DataLoader workers; `check_unreadable`
     merges them over processes and raises when more than `max_bad` images are unreadable.
     """
 
-    def __init__(self, dataset: ImageDataset, max_bad: int, substitute: bool):
-        self.reader = dataset.reader
-        self.img_mode = dataset.input_img_mode
+    def __init__(self, reader: ClassFolderReader, max_bad: int, substitute: bool):
+        self.reader = reader
         self.transform = None
         self.max_bad = max_bad
         self.substitute = substitute
@@ -148,43 +167,40 @@ class UnreadableImageSkipper(Dataset):
         if first_time:
             _logger.warning(f'Skipped unreadable image {self.filename(index)}: {error}')
 
-    def _load(self, index: int):
-        source, target = self.reader[index][:2]
+    def _transformed(self, index: int, image: Image.Image):
+        if self.transform is None:
+            return image
         try:
-            with Image.open(source) as image:
-                image = image.convert(self.img_mode) if self.img_mode else image.copy()
-        finally:
-            if hasattr(source, 'close'):
-                source.close()
-        return image, target
+            return self.transform(image)
+        except Exception as error:
+            raise TransformError(
+                f'{failing_operation(error)} failed on {self.filename(index)} ({type(error).__name__}: {error}). '
+                f'The image decoded, so this is a bug in the transform, not a bad image: please report it '
+                f'with this message.') from error
 
     def __getitem__(self, index: int):
         tries = len(self) if self.substitute else 1  # training goes on to the next images in turn
         for attempt in range(tries):
             i = (index + attempt) % len(self)
+            path, target = self.reader.samples[i]
             try:
-                image, target = self._load(i)
+                image = read_rgb(path)
             except DECODE_ERRORS as error:
                 self._mark_bad(i, error)
                 continue
-            return (self.transform(image) if self.transform is not None else image), target
+            return self._transformed(i, image), target
         if self.substitute:
             raise DataError(f'none of the {len(self)} images in {self.reader.root} can be read.')
         return None  # evaluation leaves it out
 
 
-def collate_readable(samples: list):
-    """default_collate over the samples that could be read (the others are None); None when none could."""
-    readable = [s for s in samples if s is not None]
-    return default_collate(readable) if readable else None
-
-
 def create_split_dataset(name: str, root: str, split: str, max_bad_images: Optional[int] = None,
-                         class_map: Optional[dict] = None) -> Dataset:
+                         class_map: Optional[dict] = None, keep_empty_classes: bool = False) -> Dataset:
     """A dataset whose `transform` attribute is applied to every image.
 
-    `name` '' (an image folder, `root` being the split folder itself) or a timm dataset spec.
-    `max_bad_images` defaults to 1% of the split (at least one); it applies to image folders only.
+    `name` '' (an image folder, `root` being the split folder itself, labelled as utils/images.py says) or
+    a timm dataset spec. `max_bad_images` defaults to 1% of the split (at least one); it applies to
+    image folders only.
     """
     if name:
         if max_bad_images is not None:
@@ -196,17 +212,19 @@ def create_split_dataset(name: str, root: str, split: str, max_bad_images: Optio
             hint = (' This project never downloads data (torchvision\'s "download=True" hint does not apply): put the '
                     'files torchvision expects under that root first.' if name.startswith('torch/') else '')
             raise DataError(f'cannot create dataset {name!r} (split {split!r}) from {root}: {e}{hint}') from None
+    layout = f'Expected layout: {LAYOUT.format(root=os.path.dirname(root) or root)}.'
     try:
-        dataset = create_dataset('', root=root, search_split=False, class_map=class_map)
-    except RuntimeError as e:  # timm: no images found
-        raise DataError(f'{e} Expected layout: {LAYOUT.format(root=os.path.dirname(root) or root)}.') from None
-    if '' in (class_to_idx(dataset) or {}):  # timm names the class of images lying in `root` itself ''
-        raise DataError(f'{root} holds images directly; they need one subfolder per class, {root}/<class>/<image> '
-                        f'(the layout of torchvision\'s ImageFolder). Expected layout: '
-                        f'{LAYOUT.format(root=os.path.dirname(root) or root)}.')
+        found = find_class_folders(root, class_map, keep_empty_classes)
+    except ClassFolderError as e:
+        raise DataError(f'{e} {layout}') from None
+    except OSError as e:
+        raise DataError(f'cannot list {root}: {e.strerror}; make it readable.') from None
+    if not found.samples:
+        raise DataError(f'found no images in the class folders of {root}. {layout}')
+    log_class_folders(root, found)
     if max_bad_images is None:
-        max_bad_images = max(1, len(dataset) // 100)
-    return UnreadableImageSkipper(dataset, max_bad_images, substitute=split == 'train')
+        max_bad_images = max(1, len(found.samples) // 100)
+    return UnreadableImageSkipper(ClassFolderReader(root, found), max_bad_images, substitute=split == 'train')
 
 
 def class_to_idx(dataset: Dataset) -> Optional[dict]:
@@ -233,23 +251,26 @@ def num_classes_of(dataset: Dataset) -> int:
     raise DataError('cannot tell how many classes the dataset has; pass --num-classes.')
 
 
+def class_folder_names(split_dir: str) -> list:
+    return [e.name for e in os.scandir(split_dir) if e.is_dir()]
+
+
 def create_training_datasets(name: str, root: str, train_split: str, val_split: str,
-                             max_bad_images: Optional[int]) -> Tuple[Dataset, Dataset]:
-    """Training and validation datasets; the validation classes are indexed as in training."""
+                             max_bad_images: Optional[int], keep_empty_classes: bool = False) -> Tuple[Dataset, Dataset]:
+    """Training and validation datasets; the validation classes are labelled as in training."""
     if name:
         require_dir(root)
         return (create_split_dataset(name, root, train_split, max_bad_images),
                 create_split_dataset(name, root, val_split, max_bad_images))
     train_dir, val_dir = folder_splits(root, train_split, val_split)
-    train_set = create_split_dataset('', train_dir, 'train', max_bad_images)
-    val_set = create_split_dataset('', val_dir, 'validation', max_bad_images)
-    train_classes, val_classes = class_to_idx(train_set), class_to_idx(val_set)
-    unknown = sorted(set(val_classes) - set(train_classes))
+    train_set = create_split_dataset('', train_dir, 'train', max_bad_images, keep_empty_classes=keep_empty_classes)
+    train_classes = class_to_idx(train_set)
+    unknown = sorted(set(class_folder_names(val_dir)) - set(train_classes))
     if unknown:
         raise DataError(f'{val_dir} has classes that {train_dir} lacks: {", ".join(unknown[:10])}; '
                         f'both splits need the same class folders.')
-    if val_classes != train_classes:
-        val_set = create_split_dataset('', val_dir, 'validation', max_bad_images, class_map=train_classes)
+    val_set = create_split_dataset('', val_dir, 'validation', max_bad_images, class_map=train_classes,
+                                   keep_empty_classes=keep_empty_classes)
     return train_set, val_set
 
 
@@ -280,51 +301,28 @@ def resolve_input_config(options: dict, model: torch.nn.Module) -> dict:
     return resolve_data_config(options, model=model)
 
 
-def create_train_transform(args, data_config: dict):
-    """Training augmentation from the recipe's options (RandAugment/AutoAugment, random erasing, ...)."""
-    return create_transform(
-        data_config['input_size'], is_training=True, no_aug=args.no_aug, scale=args.scale, ratio=args.ratio,
-        hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-        interpolation=args.train_interpolation, mean=data_config['mean'], std=data_config['std'],
-        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+def create_train_transform(args, data_config: dict, prefetcher: bool = False):
+    """Training augmentation from the recipe's options (RandAugment/AutoAugment, random erasing, ...).
+
+    With `prefetcher` it ends in uint8 tensors, and timm's PrefetchLoader normalises and random-erases
+    on the device (see utils/loaders.py).
+    """
+    use_exact_posterize()
+    try:
+        return create_transform(
+            data_config['input_size'], is_training=True, no_aug=args.no_aug, scale=args.scale, ratio=args.ratio,
+            hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
+            interpolation=args.train_interpolation, mean=data_config['mean'], std=data_config['std'],
+            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, use_prefetcher=prefetcher)
+    except (AssertionError, KeyError, ValueError) as e:  # timm asserts on the policy strings it cannot parse
+        raise OptionError(f'cannot build the training transform ({type(e).__name__}: {e}); check --aa {args.aa!r} '
+                          f"(timm's policies: rand-m9-mstd0.5-inc1, original, v0, 3a, augmix-m5-w3, ...), "
+                          f'--remode and --train-interpolation.') from None
 
 
-def create_eval_transform(data_config: dict):
+def create_eval_transform(data_config: dict, prefetcher: bool = False):
     """The one evaluation transform, shared by training-time eval and validate.py so they agree exactly."""
     return create_transform(
         data_config['input_size'], is_training=False, interpolation=data_config['interpolation'],
         mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct'],
-        crop_mode=data_config['crop_mode'])
-
-
-class UnpaddedDistributedSampler(Sampler):
-    """Every rank-th index from this rank's offset, without the padding DistributedSampler adds, so
-    summing results over processes counts every sample exactly once."""
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
-        self.indices = range(rank, len(dataset), num_replicas)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def build_loader(dataset: Dataset, batch_size: int, is_training: bool, runtime: Runtime,
-                  workers: int, pin_memory: bool = False, seed: int = 0) -> DataLoader:
-    """Shuffled, drop-last batches for training (sharded per process); all samples in order for eval,
-    without the unreadable ones (a batch of only unreadable images is None)."""
-    if is_training and runtime.distributed:
-        sampler = DistributedSampler(dataset, runtime.world_size, runtime.rank, shuffle=True, seed=seed)
-    elif is_training:
-        sampler = None
-    elif runtime.distributed:
-        sampler = UnpaddedDistributedSampler(dataset, runtime.world_size, runtime.rank)
-    else:
-        sampler = SequentialSampler(dataset)
-    return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, shuffle=is_training and sampler is None,
-        drop_last=is_training, num_workers=workers, pin_memory=pin_memory and runtime.device.type == 'cuda',
-        persistent_workers=workers > 0, collate_fn=None if is_training else collate_readable)
-
+        crop_mode=data_config['crop_mode'], use_prefetcher=prefetcher)

@@ -48,6 +48,7 @@ def updates_per_epoch(steps: int, grad_accum_steps: int) -> int:
 
 
 def _to_device(images, targets, runtime: Runtime, channels_last: bool):
+    """A batch on the device; batches of timm's PrefetchLoader (utils/loaders.py) are there already."""
     images = images.to(runtime.device, non_blocking=True)
     targets = targets.to(runtime.device, non_blocking=True)
     if channels_last:
@@ -192,10 +193,10 @@ def evaluate(model, loader, runtime: Runtime, autocast: Callable[[], ContextMana
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # loss sum, top-1, top-5, samples
     steps = len(loader)
-    for step, batch in enumerate(loader):
-        if batch is None:  # every image of the batch was unreadable
+    for step, (images, targets) in enumerate(loader):
+        if not len(targets):  # every image of the batch was unreadable
             continue
-        images, targets = _to_device(*batch, runtime, channels_last)
+        images, targets = _to_device(images, targets, runtime, channels_last)
         with autocast():
             logits = model(images)
         logits = logits.float()
