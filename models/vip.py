@@ -203,18 +203,19 @@ class VisionPermutator(nn.Module):
         return self.patch_size * self.segment_dim[0]
 
     def _check_architecture(self, embed_dims: Sequence[int]):
-        for i, (dim, segments) in enumerate(zip(embed_dims, self.segment_dim)):
-            if dim % segments:
-                raise ValueError(f'ViP: stage {i} has {dim} channels, which do not split into segment_dim={segments} '
-                                 f'segments; give a segment_dim that divides the width.')
+        """The size first: a wrong one is the likeliest mistake, and its message names the segment_dim to give."""
+        if self.img_size != (self.input_side, self.input_side):
+            raise ValueError(self._size_problem(self.img_size) + self._segment_dim_hint(self.img_size, embed_dims))
         sides = stage_sides(self.input_side, self.patch_size, self.transitions)
         if sides != list(self.segment_dim):
             raise ValueError(
                 f'ViP: segment_dim {self.segment_dim} does not fit transitions {self.transitions}: each stage\'s '
                 f'segment_dim must be the side of its token map, which a transition halves '
                 f'({tuple(sides)} after a {self.input_side}x{self.input_side} input).')
-        if self.img_size != (self.input_side, self.input_side):
-            raise ValueError(self._size_problem(self.img_size) + self._segment_dim_hint(self.img_size, embed_dims))
+        for i, (dim, segments) in enumerate(zip(embed_dims, self.segment_dim)):
+            if dim % segments:
+                raise ValueError(f'ViP: stage {i} has {dim} channels, which do not split into segment_dim={segments} '
+                                 f'segments; give a segment_dim that divides the width.')
 
     def _size_problem(self, size: Tuple[int, int]) -> str:
         side = self.input_side
