@@ -13,10 +13,12 @@ then out = a W1^T. Its cost is linear in N.
 The token modules of the stem tie their two memories: in the authors' code `linear_1.weight` is made as
 the transpose view of `linear_0.weight`. Here it is derived from `linear_0.weight` on every use (and
 written to state dicts, as the authors' checkpoints hold both), so training keeps them transposes of each
-other. `tied_token_weights=False` gives it its own parameter instead: the authors' GPU runs trained it that
-way, since moving their model to the GPU copies the two parameters apart, so their checkpoints can hold two
-that differ. The project's checkpoint loader picks the form that a checkpoint's weights show.
+other. But the authors' GPU runs trained the two apart (moving their model to the GPU copies the two
+parameters apart), so their checkpoints can hold two that differ. `tied_token_weights=False` gives linear_1
+its own weight, as there; by default (None) a token module is tied until it is given weights whose two
+differ, when it unties itself and says so. The project's checkpoint loader picks the form the weights show.
 """
+import logging
 import math
 import re
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -31,6 +33,8 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from .state_dict import training_weights
+
+_logger = logging.getLogger(__name__)
 
 __all__ = ['EAMLP', 'TokenExternalAttention', 'ExternalAttention', 'checkpoint_filter_fn', 'read_architecture',
            'sinusoid_table']
@@ -67,18 +71,22 @@ class TiedReadout(nn.Module):
 class TokenExternalAttention(nn.Module):
     """External attention of the stem's token modules, with a memory of `memory` units:
     q = q_linear(x); out = q + proj(normalised_softmax(linear_0(q)) W1^T + b1), W1 = linear_0.weight^T when
-    `tied` (the authors' `Token_performer` attention)."""
+    tied (the authors' `Token_performer` attention).
+
+    tied: True ties W1 to linear_0.weight, False gives linear_1 a weight of its own; None ties them until the
+    module is given weights whose two differ (see `untie`).
+    """
 
     def __init__(self, dim: int, in_dim: int, memory: int = 128, attn_drop: float = 0.1, proj_drop: float = 0.1,
-                 tied: bool = True):
+                 tied: Optional[bool] = None):
         super().__init__()
-        self.tied = tied
+        self.tied = tied is not False
+        self.untie_on_load = tied is None
         self.q_linear = nn.Linear(dim, in_dim)
         self.linear_0 = nn.Linear(in_dim, memory, bias=False)
-        self.linear_1 = TiedReadout(in_dim) if tied else nn.Linear(memory, in_dim)
-        if tied:
-            self.register_state_dict_post_hook(_store_tied_weight)
-            self.register_load_state_dict_pre_hook(_take_tied_weight)
+        self.linear_1 = TiedReadout(in_dim) if self.tied else nn.Linear(memory, in_dim)
+        self.register_state_dict_post_hook(_store_tied_weight)
+        self.register_load_state_dict_pre_hook(_take_tied_weight)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(in_dim, in_dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -86,6 +94,15 @@ class TokenExternalAttention(nn.Module):
     def readout_weight(self) -> torch.Tensor:
         """linear_1's weight, (in_dim, memory)."""
         return self.linear_0.weight.t() if self.tied else self.linear_1.weight
+
+    def untie(self):
+        """Give linear_1 a weight of its own, a copy of linear_0's transposed; its bias stays."""
+        weight = self.linear_0.weight
+        readout = nn.Linear(weight.shape[0], weight.shape[1], device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            readout.weight.copy_(weight.t())
+        readout.bias = self.linear_1.bias
+        self.linear_1, self.tied = readout, False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.q_linear(x)
@@ -103,26 +120,37 @@ def _normalised_attention(scores: torch.Tensor) -> torch.Tensor:
 def _store_tied_weight(module: TokenExternalAttention, state_dict: dict, prefix: str, local_metadata) -> None:
     """State dicts hold linear_1.weight as the authors' do: a copy, so that in-place updates of state dict
     entries (timm's EMA lerps every one) cannot reach linear_0.weight twice."""
-    state_dict[prefix + 'linear_1.weight'] = module.linear_0.weight.detach().t().clone()
+    if module.tied:
+        state_dict[prefix + 'linear_1.weight'] = module.linear_0.weight.detach().t().clone()
 
 
 def _take_tied_weight(module: TokenExternalAttention, state_dict: dict, prefix: str, local_metadata, strict,
                       missing_keys, unexpected_keys, error_msgs) -> None:
-    """Accept a stored linear_1.weight that is linear_0.weight transposed; refuse one that is not."""
-    readout = state_dict.pop(prefix + 'linear_1.weight', None)
-    memory = state_dict.get(prefix + 'linear_0.weight')
-    if readout is None or memory is None or torch.equal(readout, memory.t()):
+    """A tied module takes a stored linear_1.weight that is linear_0.weight transposed. One that is not, it
+    refuses, or unties itself to take it if it was built to (tied=None)."""
+    key = prefix + 'linear_1.weight'
+    if not module.tied or key not in state_dict:
         return
+    readout, memory = state_dict[key], state_dict.get(prefix + 'linear_0.weight')
+    if memory is None or torch.equal(readout, memory.t()):
+        del state_dict[key]  # a tied linear_1 has no weight to load it into
+        return
+    if module.untie_on_load:
+        module.untie()  # linear_1 is loaded after this hook, and takes the stored weight
+        _logger.warning(f'{key} is not the transpose of {prefix}linear_0.weight (the authors\' GPU runs trained the '
+                        f'two apart): this token module keeps its own linear_1.weight from now on, untied.')
+        return
+    del state_dict[key]
     error_msgs.append(
-        f'{prefix}linear_1.weight is not the transpose of {prefix}linear_0.weight, so these weights do not fit a '
-        f'model whose token modules tie them: build it with tied_token_weights=False (the authors\' GPU runs '
-        f'trained the two apart), or load it with models.create_model_from_checkpoint, which does so itself.')
+        f'{key} is not the transpose of {prefix}linear_0.weight, so these weights do not fit a model whose token '
+        f'modules tie them: build it with tied_token_weights=False or None (the authors\' GPU runs trained the '
+        f'two apart), or load it with models.create_model_from_checkpoint, which does so itself.')
 
 
 class TokenModule(nn.Module):
     """A token module of the stem: x = attn(LN(x)) (no skip around it: its own skip is q), x + Mlp(LN(x))."""
 
-    def __init__(self, dim: int, in_dim: int, tied: bool = True):
+    def __init__(self, dim: int, in_dim: int, tied: Optional[bool] = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = TokenExternalAttention(dim, in_dim, tied=tied)
@@ -138,7 +166,7 @@ class TokensToToken(nn.Module):
     """Tokens-to-token stem: unfold (soft split) the image, a token module, fold the tokens back into a map,
     unfold again, ..., and project the last split's patches to the embedding width."""
 
-    def __init__(self, img_side: int, in_chans: int, embed_dim: int, token_dim: int, tied: bool = True):
+    def __init__(self, img_side: int, in_chans: int, embed_dim: int, token_dim: int, tied: Optional[bool] = None):
         super().__init__()
         self.sides = token_grid_sides(img_side)
         (kernel0, _, _), (kernel1, _, _), (kernel2, _, _) = SOFT_SPLITS
@@ -210,8 +238,9 @@ class EAMLP(nn.Module):
         embed_dim, depth, num_heads, mlp_ratio: width, blocks, heads (each block has 4 * num_heads memory
             heads of embed_dim / num_heads channels) and the channel MLP's hidden width in multiples of C.
         token_dim: width of the stem's token modules.
-        tied_token_weights: derive the token modules' linear_1.weight from linear_0.weight (see the module
-            docstring); False gives it its own parameter.
+        tied_token_weights: True derives the token modules' linear_1.weight from linear_0.weight (see the
+            module docstring), False gives it its own parameter; None (the default) derives it until the model
+            is given weights whose two differ, when those modules untie, with a warning.
         drop_rate: dropout after the position embedding and in every block's projection and MLP.
         attn_drop_rate: dropout on the blocks' attention maps (the stem's token modules always use 0.1 on
             theirs and on their projection, as in the authors' code).
@@ -229,7 +258,7 @@ class EAMLP(nn.Module):
             num_heads: int = 6,
             mlp_ratio: float = 3.,
             token_dim: int = 64,
-            tied_token_weights: bool = True,
+            tied_token_weights: Optional[bool] = None,
             drop_rate: float = 0.,
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,

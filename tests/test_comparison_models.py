@@ -189,9 +189,9 @@ def test_eamlp_token_memories_stay_transposes_through_training():
     torch.testing.assert_close(ema.module.tokens_to_token.attention1.attn.linear_0.weight, expected)
 
 
-def test_eamlp_checkpoint_with_untied_memories_loads_untied(tmp_path):
+def test_eamlp_checkpoint_with_untied_memories_loads_untied(tmp_path, caplog):
     """The authors' GPU runs trained linear_0 and linear_1 apart (moving the model to the GPU copies them
-    apart), so a checkpoint may hold two that differ: the loader builds the model that keeps both."""
+    apart), so a checkpoint may hold two that differ: both routes build a model that keeps both."""
     path, io = fixture('eamlp_tiny')
     checkpoint = models.load_checkpoint_file(str(path))
     untied_state = dict(checkpoint['state_dict'])
@@ -200,16 +200,26 @@ def test_eamlp_checkpoint_with_untied_memories_loads_untied(tmp_path):
     untied_path = tmp_path / 'untied.pth.tar'
     torch.save({'state_dict': untied_state, 'args': checkpoint['args']}, untied_path)
 
-    attn = models.create_model_from_checkpoint(str(untied_path)).tokens_to_token.attention2.attn
+    loaded = models.create_model_from_checkpoint(str(untied_path)).eval()
+    attn = loaded.tokens_to_token.attention2.attn
     assert not attn.tied and torch.equal(attn.readout_weight(), untied_state[key])
-    # The same model form computes the authors' function on tied weights too.
+    # The untied form computes the authors' function on tied weights too.
     untied = models.create_model_from_checkpoint(str(path), use_ema=False, tied_token_weights=False).eval()
     with torch.no_grad():
         torch.testing.assert_close(untied(io['input']), io['logits'], atol=1e-4, rtol=0)
 
+    # timm's route: the module whose two differ unties itself, and says so; the other stays tied.
     overlay = dict(file=str(untied_path), num_classes=10)
+    model = timm.create_model('eamlp_14', pretrained=True, pretrained_cfg_overlay=overlay,
+                              **eamlp_fixture_kwargs()).eval()
+    assert f'{key} is not the transpose of' in caplog.text and 'keeps its own linear_1.weight' in caplog.text
+    assert model.tokens_to_token.attention1.attn.tied and not model.tokens_to_token.attention2.attn.tied
+    assert torch.equal(model.tokens_to_token.attention2.attn.readout_weight(), untied_state[key])
+    with torch.no_grad():
+        torch.testing.assert_close(model(io['input']), loaded(io['input']))
     with pytest.raises(RuntimeError, match=r'linear_1.weight is not the transpose of .*tied_token_weights=False'):
-        timm.create_model('eamlp_14', pretrained=True, pretrained_cfg_overlay=overlay, **eamlp_fixture_kwargs())
+        timm.create_model('eamlp_14', pretrained=True, pretrained_cfg_overlay=overlay, tied_token_weights=True,
+                          **eamlp_fixture_kwargs())
 
 
 def test_weights_of_no_known_family_are_named_as_such(tmp_path):
