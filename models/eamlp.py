@@ -382,7 +382,7 @@ class EAMLP(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> normalised tokens (B, 1 + H/16 * W/16, C), the class token first."""
         x = self._embed(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
+        if self.grad_checkpointing:
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)
