@@ -21,9 +21,7 @@ from timm.models._builder import pretrained_cfg_for_features
 from torch import nn
 
 from . import eamlp, vip
-from .eamlp import EAMLP
 from .posmlp import VARIANT_EMBED_DIMS, PosMLP, checkpoint_filter_fn
-from .vip import VisionPermutator
 
 _logger = logging.getLogger(__name__)
 
@@ -222,8 +220,8 @@ def _read_posmlp_architecture(state_dict: Dict[str, torch.Tensor]) -> Optional[t
 # model) and the checkpoint filter that maps its authors' names to this project's.
 FAMILIES = {
     PosMLP: (_read_posmlp_architecture, checkpoint_filter_fn),
-    VisionPermutator: (vip.read_architecture, vip.checkpoint_filter_fn),
-    EAMLP: (eamlp.read_architecture, eamlp.checkpoint_filter_fn),
+    vip.VisionPermutator: (vip.read_architecture, vip.checkpoint_filter_fn),
+    eamlp.EAMLP: (eamlp.read_architecture, eamlp.checkpoint_filter_fn),
 }
 
 
