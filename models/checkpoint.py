@@ -20,7 +20,8 @@ from timm.layers import to_2tuple
 from timm.models._builder import pretrained_cfg_for_features
 from torch import nn
 
-from .posmlp import VARIANT_EMBED_DIMS, checkpoint_filter_fn
+from . import eamlp, vip
+from .posmlp import VARIANT_EMBED_DIMS, PosMLP, checkpoint_filter_fn
 
 _logger = logging.getLogger(__name__)
 
@@ -205,6 +206,25 @@ def _registered_name(model_kwargs: Dict[str, Any]) -> str:
     return f'posmlp_{size}' + ('' if gate == 'gqpe' else f'_{gate}')
 
 
+def _read_posmlp_architecture(state_dict: Dict[str, torch.Tensor]) -> Optional[tuple]:
+    """(registered name, model arguments) of the PosMLP whose weights these are; None for another model's."""
+    try:
+        kwargs = infer_model_kwargs(checkpoint_filter_fn(state_dict))
+    except CheckpointError:
+        return None
+    return _registered_name(kwargs), kwargs
+
+
+# The model families whose architecture can be read off their weights. Each gives a reader (a state dict in
+# its authors' names or this project's -> (registered name, model arguments), or None for weights of another
+# model) and the checkpoint filter that maps its authors' names to this project's.
+FAMILIES = {
+    PosMLP: (_read_posmlp_architecture, checkpoint_filter_fn),
+    vip.VisionPermutator: (vip.read_architecture, vip.checkpoint_filter_fn),
+    eamlp.EAMLP: (eamlp.read_architecture, eamlp.checkpoint_filter_fn),
+}
+
+
 def _listing(keys, limit=6):
     keys = list(keys)
     return ', '.join(keys[:limit]) + (f' ... ({len(keys)} in all)' if len(keys) > limit else '')
@@ -229,7 +249,9 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: 
     The body is checked before the head, so a model of another architecture is named as such (`hint`
     says how to build the right one) rather than as another class count.
     """
-    state_dict = checkpoint_filter_fn(state_dict, model)
+    # Other models' names are left as they are but for DDP's prefix, which PosMLP's filter drops too.
+    _, filter_fn = FAMILIES.get(type(model), (None, checkpoint_filter_fn))
+    state_dict = filter_fn(state_dict, model)
     own = model.state_dict()
     head = _classifier_prefixes(model)
     if not any(k.startswith(head) for k in own):
@@ -285,12 +307,19 @@ NON_ARCHITECTURE_ARGS = ('features_only', 'pretrained_cfg_overlay', *FEATURE_ARG
 
 
 def _described_model(checkpoint: LoadedCheckpoint) -> tuple:
-    """(timm name, model arguments) of the model a checkpoint describes: the ones it records, else the PosMLP
-    its weights show (the authors' checkpoints record none). Raises CheckpointError when it describes none."""
+    """(timm name, model arguments) of the model a checkpoint describes: the ones it records, else the PosMLP,
+    ViP or EAMLP its weights show (the authors' checkpoints record none, or an `arch` name of their own).
+    Raises CheckpointError when it describes none."""
     if checkpoint.model_name and timm.is_model(checkpoint.model_name):
         return checkpoint.model_name, dict(checkpoint.model_kwargs)
-    inferred = infer_model_kwargs(checkpoint.state_dict)
-    return _registered_name(inferred), dict(checkpoint.model_kwargs, **inferred)
+    for read_architecture, _ in FAMILIES.values():
+        described = read_architecture(checkpoint.state_dict)
+        if described is not None:
+            name, inferred = described
+            return name, dict(checkpoint.model_kwargs, **inferred)
+    raise CheckpointError('these weights are not a PosMLP model (they have no stem.conv1 / stages.*.blocks.* '
+                          'weights), nor a ViP or an EAMLP, the only models whose arguments can be read off their '
+                          'weights.')
 
 
 def create_model_from_checkpoint(
@@ -305,8 +334,8 @@ def create_model_from_checkpoint(
     Args:
         checkpoint: a path, or a `LoadedCheckpoint` from `read_checkpoint`.
         model_name: a timm model name; when None (or the name the checkpoint records), the model the
-            checkpoint describes: the name and arguments it records, else the PosMLP variant its weights
-            show (so the authors' checkpoints need no name).
+            checkpoint describes: the name and arguments it records, else the PosMLP, ViP or EAMLP variant
+            its weights show (so the authors' checkpoints need no name).
         use_ema: True for EMA weights, False for live ones, None for EMA when present.
         finetune: allow a different `num_classes` (in kwargs): the head is then re-initialised.
         kwargs: more model arguments (e.g. num_classes, drop_path_rate, gate_impl), over the recorded ones.
