@@ -12,7 +12,6 @@ is evaluated exactly once, so the numbers equal those of one process.
 """
 import argparse
 import csv
-import difflib
 import json
 import logging
 import os
@@ -21,7 +20,6 @@ import sys
 import time
 from typing import Optional
 
-import timm
 import torch
 from timm.data.readers.class_map import load_class_map
 from timm.utils import ParseKwargs
@@ -36,6 +34,7 @@ from utils.data import (
 )
 from utils.distributed import device_problem, init_runtime, run_script
 from utils.engine import evaluate
+from utils.names import model_name_problem
 from utils.outputs import setup_logging
 
 _logger = logging.getLogger('validate')
@@ -226,11 +225,9 @@ def validate(args) -> dict:
 
 def check_input_options(parser: argparse.ArgumentParser, args):
     """Stop with the option named when the model, input size or device cannot be used (not a traceback later)."""
-    if args.model and not timm.is_model(args.model):
-        close = difflib.get_close_matches(args.model, timm.list_models(), n=3, cutoff=0.6)
-        suggestion = f'did you mean {", ".join(close)}? ' if close else ''
-        parser.error(f'--model {args.model}: no such model; {suggestion}'
-                     f'or leave --model out to build the one the checkpoint describes.')
+    problem = model_name_problem(args.model) if args.model else None
+    if problem:
+        parser.error(f'--model {args.model}: {problem} Or leave --model out to build the one the checkpoint describes.')
     if args.img_size is not None and args.img_size < 1:
         parser.error(f'--img-size must be 1 or more, not {args.img_size}.')
     if args.input_size is not None and min(args.input_size) < 1:
