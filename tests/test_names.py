@@ -6,7 +6,7 @@ import validate
 from utils.args import parse_train_args
 from utils.names import model_name_problem
 
-SUGGESTION = '--model posmlp_tt: no such model; did you mean posmlp_t'
+SUGGESTION = 'posmlp_tt: no such model; did you mean posmlp_t'
 
 
 def test_close_names_are_suggested():

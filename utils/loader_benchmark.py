@@ -1,8 +1,9 @@
 """Loader throughput: images per second that DataLoader workers get through a recipe's transforms.
 
-`benchmark.py --bench data` times the training transform of a recipe (configs/posmlp_t.yaml:
-RandAugment, random resized crop, colour jitter, random interpolation) and the evaluation transform
-(resize and centre crop), both built by utils/data.py as train.py builds them, each through a
+`benchmark.py --bench data` times the training transform of a recipe (configs/posmlp_t.yaml: random
+resized crop with a random interpolation, flip, RandAugment; timm leaves out the recipe's colour
+jitter when RandAugment is on) and the evaluation transform (resize and centre crop), both built by
+utils/data.py as train.py builds them, each through a
 DataLoader with one worker and with N. The images are an image folder's, or JPEGs generated in
 ImageNet's sizes. Each (transform, workers) is a loader of its own; rounds of all of them are
 interleaved, as benchmarking.py's are. A loader that waits for its next round has already made
@@ -38,7 +39,8 @@ TABLE_COLUMNS = (
 def write_sample_jpegs(folder: Path, count: int, long_side: int, seed: int = 0) -> Path:
     """`count` JPEGs in two class folders, `long_side` px on the longer side and 3/4 to all of it on the
     other (ImageNet's photos are mostly 500 px on the longer side). The content is smooth random colour
-    with grain, which at quality 90 gives about 110 KB per 500 px image, near ImageNet's average file."""
+    with grain, which at quality 90 gives about 110 KB per 500 px image: ImageNet-1k's average (its
+    training set is 1,281,167 images in 138 GB)."""
     rng = np.random.default_rng(seed)
     for index in range(count):
         short = int(rng.integers(long_side * 3 // 4, long_side + 1))
