@@ -11,7 +11,6 @@ them, else the model's defaults; options given here override both. With N proces
 is evaluated exactly once, so the numbers equal those of one process.
 """
 import argparse
-import csv
 import json
 import logging
 import os
@@ -36,11 +35,11 @@ from utils.distributed import device_problem, init_runtime, run_script
 from utils.engine import evaluate
 from utils.names import model_name_problem
 from utils.outputs import setup_logging
+from utils.results import command_line, results_format, run_environment, write_results
 
 _logger = logging.getLogger('validate')
 
 DATA_OPTIONS = ('input_size', 'img_size', 'in_chans', 'crop_pct', 'crop_mode', 'mean', 'std', 'interpolation')
-RESULT_FORMATS = ('.csv', '.json')
 # The resize filters timm's evaluation transform knows by name.
 INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
 CROP_MODES = ('center', 'squash', 'border')
@@ -146,18 +145,6 @@ def labelled_folder(data_dir: str, args, model_classes: Optional[int]):
     return create_split_dataset('', data_dir, 'validation', args.max_bad_images, class_map=class_map)
 
 
-def write_results(path: str, results: dict):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with open(path, 'w', newline='') as f:
-        if path.endswith('.json'):
-            json.dump(results, f, indent=2)
-        else:
-            writer = csv.DictWriter(f, fieldnames=list(results))
-            writer.writeheader()
-            writer.writerow(results)
-
-
 def validate(args) -> dict:
     runtime = init_runtime(args.device, threads=args.threads)
     setup_logging(None, runtime.is_primary)
@@ -219,7 +206,7 @@ def validate(args) -> dict:
             f'input {data_config["input_size"]} crop {data_config["crop_pct"]} {data_config["interpolation"]}')
         print(json.dumps(results, indent=2))
         if args.results_file:
-            write_results(args.results_file, results)
+            write_results(args.results_file, [results], run_environment(args.command, runtime.device))
     return results
 
 
@@ -241,7 +228,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.class_map and args.dataset:
         parser.error('--class-map applies to image folders only, not to --dataset; leave it out.')
-    if args.results_file and not args.results_file.endswith(RESULT_FORMATS):
+    args.command = command_line('validate.py', sys.argv[1:] if argv is None else argv)
+    if args.results_file and results_format(args.results_file) is None:
         parser.error(f'--results-file {args.results_file}: name it .csv or .json to choose the format.')
     args.data_dir = resolve_data_root(parser, args, config={})
     if not (args.data_dir or args.dataset):
