@@ -31,7 +31,7 @@ from utils.data import DataError
 from utils.loader_benchmark import loader_table_lines, time_loaders, write_sample_jpegs
 from utils.names import model_name_problem
 from utils.results import RESULT_FORMATS, command_line, format_table, results_format, run_environment, write_results
-from utils.suites import REFERENCE_COLUMNS, SUITES, add_reference_columns
+from utils.suites import SUITES, add_reference_columns, reference_columns
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # The CPUs this process may run on (a container or taskset may allow fewer than the machine has).
@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--torchcompile-mode', default=None, help='torch.compile mode (default: torch\'s)')
     group.add_argument('--reparam', action='store_true',
                        help='time inference of the model after timm.utils.reparameterize_model (fused layers)')
-    group.add_argument('--opt', default='sgd', help='timm optimizer of the training steps (default: sgd)')
+    group.add_argument('--opt', default='momentum',
+                       help='timm optimizer of the training steps (default: momentum, SGD with momentum 0.9)')
     group.add_argument('--lr', type=float, default=1e-4, help='training learning rate (default: 1e-4)')
     group.add_argument('--warmup', type=int, default=2, help='untimed steps before the first round (default: 2)')
     group.add_argument('--repeats', type=int, default=5, help='timed rounds per task; the median is reported '
@@ -244,7 +245,7 @@ def bench_models(args: argparse.Namespace, tasks: List[Task], baseline: Optional
     extra_columns = ()
     if args.suite:
         add_reference_columns(rows, SUITES[args.suite])
-        extra_columns = REFERENCE_COLUMNS
+        extra_columns = reference_columns(SUITES[args.suite])
     print(f'# img/s median (min-max) of {args.repeats} rounds x {config.steps} steps after {config.warmup} '
           f'warm-up steps')
     print(format_table(table_lines(rows, extra_columns)))

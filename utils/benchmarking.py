@@ -91,7 +91,7 @@ class RunConfig:
     torchcompile: Optional[str] = None
     torchcompile_mode: Optional[str] = None
     reparam: bool = False
-    opt: str = 'sgd'
+    opt: str = 'momentum'
     lr: float = 1e-4
     warmup: int = 2
     steps: int = 3

@@ -43,7 +43,7 @@ def write_sample_jpegs(folder: Path, count: int, long_side: int, seed: int = 0) 
     training set is 1,281,167 images in 138 GB)."""
     rng = np.random.default_rng(seed)
     for index in range(count):
-        short = int(rng.integers(long_side * 3 // 4, long_side + 1))
+        short = int(rng.integers(max(1, long_side * 3 // 4), long_side + 1))
         width, height = (long_side, short) if index % 4 else (short, long_side)  # one in four is upright
         coarse = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
         smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), np.int16)
