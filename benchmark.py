@@ -26,8 +26,8 @@ from utils.benchmarking import (
     MODES, BenchmarkError, Entry, RunConfig, Task, add_speed_vs_baseline, file_rows, import_modules, parse_entry,
     table_lines, time_tasks,
 )
-from utils.distributed import default_device, device_problem
 from utils.data import DataError
+from utils.distributed import default_device, device_problem
 from utils.loader_benchmark import loader_table_lines, time_loaders, write_sample_jpegs
 from utils.names import model_name_problem
 from utils.results import RESULT_FORMATS, command_line, format_table, results_format, run_environment, write_results
