@@ -11,17 +11,13 @@ them, else the model's defaults; options given here override both. With N proces
 is evaluated exactly once, so the numbers equal those of one process.
 """
 import argparse
-import csv
-import difflib
 import json
 import logging
-import os
 import pickle
 import sys
 import time
 from typing import Optional
 
-import timm
 import torch
 from timm.data.readers.class_map import load_class_map
 from timm.utils import ParseKwargs
@@ -40,12 +36,13 @@ from utils.data import (
 from utils.distributed import device_problem, init_runtime, run_script
 from utils.engine import evaluate
 from utils.loaders import build_eval_loader, loader_options
+from utils.names import model_name_problem
 from utils.outputs import setup_logging
+from utils.results import command_line, results_format, run_environment, write_results
 
 _logger = logging.getLogger('validate')
 
 DATA_OPTIONS = ('input_size', 'img_size', 'in_chans', 'crop_pct', 'crop_mode', 'mean', 'std', 'interpolation')
-RESULT_FORMATS = ('.csv', '.json')
 # The resize filters timm's evaluation transform knows by name.
 INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
 CROP_MODES = ('center', 'squash', 'border')
@@ -153,18 +150,6 @@ def labelled_folder(data_dir: str, args, model_classes: Optional[int]):
                                 keep_empty_classes=args.keep_empty_classes)
 
 
-def write_results(path: str, results: dict):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with open(path, 'w', newline='') as f:
-        if path.endswith('.json'):
-            json.dump(results, f, indent=2)
-        else:
-            writer = csv.DictWriter(f, fieldnames=list(results))
-            writer.writeheader()
-            writer.writerow(results)
-
-
 def validate(args) -> dict:
     runtime = init_runtime(args.device, threads=args.threads)
     use_tf32_and_cudnn_benchmark(runtime.device)
@@ -229,17 +214,15 @@ def validate(args) -> dict:
             f'input {data_config["input_size"]} crop {data_config["crop_pct"]} {data_config["interpolation"]}')
         print(json.dumps(results, indent=2))
         if args.results_file:
-            write_results(args.results_file, results)
+            write_results(args.results_file, [results], run_environment(args.command, runtime.device))
     return results
 
 
 def check_input_options(parser: argparse.ArgumentParser, args):
     """Stop with the option named when the model, input size or device cannot be used (not a traceback later)."""
-    if args.model and not timm.is_model(args.model):
-        close = difflib.get_close_matches(args.model, timm.list_models(), n=3, cutoff=0.6)
-        suggestion = f'did you mean {", ".join(close)}? ' if close else ''
-        parser.error(f'--model {args.model}: no such model; {suggestion}'
-                     f'or leave --model out to build the one the checkpoint describes.')
+    problem = model_name_problem(args.model) if args.model else None
+    if problem:
+        parser.error(f'--model {args.model}: {problem} Or leave --model out to build the one the checkpoint describes.')
     if args.img_size is not None and args.img_size < 1:
         parser.error(f'--img-size must be 1 or more, not {args.img_size}.')
     if args.input_size is not None and min(args.input_size) < 1:
@@ -253,7 +236,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.class_map and args.dataset:
         parser.error('--class-map applies to image folders only, not to --dataset; leave it out.')
-    if args.results_file and not args.results_file.endswith(RESULT_FORMATS):
+    args.command = command_line('validate.py', sys.argv[1:] if argv is None else argv)
+    if args.results_file and results_format(args.results_file) is None:
         parser.error(f'--results-file {args.results_file}: name it .csv or .json to choose the format.')
     args.data_dir = resolve_data_root(parser, args, config={})
     if not (args.data_dir or args.dataset):

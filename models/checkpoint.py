@@ -367,7 +367,7 @@ def create_model_from_checkpoint(
                          and (k not in described_kwargs or described_kwargs[k] != v))
         hint = (f'The arguments {", ".join(changed)} (validate.py: --model-kwargs) change the architecture the '
                 f'checkpoint describes; leave them out.' if changed else
-                f'Pass model_name (validate.py: --model) and the arguments of the model it was made for.')
+                'Pass model_name (validate.py: --model) and the arguments of the model it was made for.')
     # The input the checkpoint was trained on becomes the model's pretrained_cfg, which timm's data config reads.
     model_kwargs['pretrained_cfg_overlay'] = dict(
         _recorded_data_config(checkpoint, model_kwargs, kwargs), **model_kwargs.get('pretrained_cfg_overlay') or {})

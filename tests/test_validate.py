@@ -56,7 +56,9 @@ def test_eval_sh_prints_the_top1_training_logged(trained_run, tmp_path):
     result = eval_sh(data / 'val', run / 'model_best.pth.tar', '--results-file', str(results_file))
     assert 'EMA weights (state_dict_ema)' in result.stdout
     assert f'top1 {logged} ' in result.stdout
-    results = json.loads(results_file.read_text())
+    report = json.loads(results_file.read_text())
+    results = report['results'][0]
+    assert report['environment']['command'].startswith('python3 validate.py ') and report['environment']['torch']
     assert results['top1'] == best['metric'] and results['weights'] == 'state_dict_ema'
     assert results['images'] == 15 and results['params'] > 0 and results['img_per_sec'] > 0
     assert results['input_size'] == [3, 32, 32]

@@ -11,12 +11,12 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-import timm
 import yaml
 from timm.optim import get_optimizer_info
 from timm.utils import ParseKwargs
 
 import models  # noqa: F401  (registers the PosMLP models with timm)
+from .names import model_name_problem
 
 
 class OptionError(ValueError):
@@ -453,8 +453,8 @@ def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if mixing and args.batch_size % 2:
         parser.error(f'mixup/cutmix mix each batch with its mirror, so -b/--batch-size must be even, '
                      f'not {args.batch_size}.')
-    if not timm.is_model(args.model):
-        parser.error(f'--model {args.model}: no such timm model; PosMLP models are posmlp_t/s/b and '
-                     f'posmlp_{{t,s,b}}_lrpe/_sgu.')
+    problem = model_name_problem(args.model)
+    if problem:
+        parser.error(f'--model {args.model}: {problem} PosMLP models are posmlp_t/s/b and posmlp_{{t,s,b}}_lrpe/_sgu.')
     resolve_best_from_ema(parser, args, config)
     return args
