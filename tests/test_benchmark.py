@@ -263,6 +263,7 @@ def test_comparison_suite_is_the_papers_table():
     assert suite.models == ('eamlp_14', 'gmlp_s16_224', 'resmlp_24_224', 'vip_s7', 'eamlp_19', 'mixer_b16_224',
                             'vip_m7', 'gmlp_b16_224', 'resmlp_b24_224', 'vip_l7', 'posmlp_t', 'posmlp_s', 'posmlp_b')
     assert suite.baseline == 'vip_s7' and suite.reference_img_per_sec['vip_s7'] == 719
+    assert [name for name in suite.models if not timm.is_model(name)] == []
     rows = [dict(model=name, setting='default', mode=mode) for name in ('eamlp_14', 'gmlp_s16_224', 'vip_s7')
             for mode in benchmarking.MODES]
     suites.add_reference_columns(rows, suite)
@@ -271,7 +272,7 @@ def test_comparison_suite_is_the_papers_table():
 
 
 def test_a_suite_runs_its_models_against_its_baseline(tmp_path, monkeypatch, capsys, in_process_run):
-    # The comparison suite's ViP/EAMLP models are registered elsewhere; the same machinery on tiny PosMLPs.
+    # The same machinery as the comparison suite's, on tiny PosMLPs.
     tiny_suite = suites.Suite(models=('posmlp_t', 'posmlp_t_lrpe'), baseline='posmlp_t_lrpe',
                               reference_img_per_sec=dict(posmlp_t=360, posmlp_t_lrpe=720), reference='a test')
     monkeypatch.setitem(suites.SUITES, 'comparison', tiny_suite)
