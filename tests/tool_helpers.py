@@ -14,11 +14,12 @@ INPUT_ARGS = dict(img_size=32, crop_pct=1.0, interpolation='bilinear', mean=(0.5
 
 
 def write_checkpoint(path, epoch=0, metric=50.0, seed=0, ema=True, eval_metric='top1', model_name='posmlp_t',
-                     model_kwargs=None, class_to_idx=CLASS_TO_IDX) -> dict:
+                     model_kwargs=None, class_to_idx=CLASS_TO_IDX, num_classes=None) -> dict:
     """A train.py checkpoint of a model with seeded weights; its EMA weights differ from the live ones.
-    Returns what was saved."""
+    `num_classes` defaults to the class map's. Returns what was saved."""
     torch.manual_seed(seed)
-    model_kwargs = dict(TINY_KWARGS if model_kwargs is None else model_kwargs, num_classes=len(class_to_idx))
+    num_classes = num_classes or len(class_to_idx)
+    model_kwargs = dict(TINY_KWARGS if model_kwargs is None else model_kwargs, num_classes=num_classes)
     model = timm.create_model(model_name, **model_kwargs)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model_ema = None
