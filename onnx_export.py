@@ -38,6 +38,8 @@ _logger = logging.getLogger('onnx_export')
 # What torch.onnx.export uses when not told (True, the torch.export based exporter, since torch 2.9).
 DYNAMO_DEFAULT = inspect.signature(torch.onnx.export).parameters['dynamo'].default is True
 EXPORT_PACKAGES = ('onnx', 'onnxruntime', 'onnxscript')
+# Loggers of the dynamo exporter's graph optimizer, which reports each rewrite at INFO.
+EXPORTER_LOGGERS = ('onnxscript', 'onnx_ir')
 
 
 def export_parser() -> argparse.ArgumentParser:
@@ -101,7 +103,7 @@ def check_forward(path: str, model, example: torch.Tensor, atol: float):
     import onnxruntime
     session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
     name = session.get_inputs()[0].name
-    inputs = torch.cat([example, torch.randn_like(example[:1])])
+    inputs = torch.cat([example, torch.randn(example[:1].shape, generator=torch.Generator().manual_seed(1))])
     with torch.inference_mode():
         expected = model(inputs).float().numpy()
     got = session.run(None, {name: inputs.numpy()})[0]
@@ -118,6 +120,9 @@ def run_exporter(args, model, example: torch.Tensor, path: str):
     """timm's onnx_export, with onnx's checker; a model the exporter cannot take is named in one line
     (--verbose shows the exporter's whole error)."""
     from timm.utils.onnx import onnx_export
+    if not args.verbose:
+        for name in EXPORTER_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         onnx_export(model, path, example_input=example, opset=args.opset, dynamic_size=args.dynamic_size,
                     use_dynamo=args.dynamo, verbose=args.verbose, check=True, check_forward=False)

@@ -23,12 +23,12 @@ def torch_logits(model, images: torch.Tensor) -> np.ndarray:
         return model.eval()(images).numpy()
 
 
-@pytest.mark.parametrize('exporter', ['--no-dynamo', '--dynamo'])
-def test_a_posmlp_checkpoint_runs_in_onnxruntime_as_in_pytorch(tmp_path, capsys, exporter):
+def test_a_posmlp_checkpoint_runs_in_onnxruntime_as_in_pytorch(tmp_path, capsys):
+    """The TorchScript exporter; tests/test_readme_tools.py checks the default (torch.export) one alike."""
     write_checkpoint(tmp_path / 'best.pth.tar')
     out = tmp_path / 'onnx' / 'posmlp.onnx'
     assert onnx_export.main([str(out), '--checkpoint', str(tmp_path / 'best.pth.tar'), '--reparam', '--check-forward',
-                             exporter]) == 0
+                             '--no-dynamo']) == 0
     assert '--check-forward: onnxruntime matches PyTorch on 3 images' in capsys.readouterr().out
     assert [p.name for p in out.parent.iterdir()] == ['posmlp.onnx']
     images = torch.randn(5, 3, 32, 32)  # another batch size than the export's 2
