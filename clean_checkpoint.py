@@ -30,8 +30,8 @@ def clean_parser() -> argparse.ArgumentParser:
     parser.add_argument('--checkpoint', required=True, metavar='PATH',
                         help="a checkpoint of this project's train.py, the authors' release or timm's train.py")
     parser.add_argument('--output', default='', metavar='PATH',
-                        help='output file; the hash goes before its ending (default: the checkpoint\'s name, '
-                             'in the current folder)')
+                        help='output file, or a folder for the checkpoint\'s name; the hash goes before its ending '
+                             '(default: the checkpoint\'s name, in the current folder)')
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument('--use-ema', action='store_true', default=None,
                          help='require the EMA weights (default: EMA when the checkpoint has them)')
@@ -46,8 +46,12 @@ def clean_parser() -> argparse.ArgumentParser:
 
 
 def output_path(args) -> str:
-    """The file to write before the hash goes into its name: --output, else the checkpoint's stem here."""
-    target = args.output or split_suffix(os.path.basename(args.checkpoint))[0]
+    """The file to write before the hash goes into its name: --output, else the checkpoint's stem, here or in
+    the folder --output names."""
+    checkpoint_stem = split_suffix(os.path.basename(args.checkpoint))[0]
+    target = args.output or checkpoint_stem
+    if args.output.endswith(os.sep) or os.path.isdir(args.output):
+        target = os.path.join(args.output, checkpoint_stem)
     stem, _ = split_suffix(target)
     return stem + output_suffix('--output', target, args.safetensors)
 

@@ -144,7 +144,8 @@ def model_card(loaded: LoadedCheckpoint, model, output: str, rows: List[dict]) -
     cfg = model.pretrained_cfg
     name = cfg['architecture']
     license_name = cfg.get('license')
-    header = ['---', 'library_name: timm', 'tags: [image-classification, timm, posmlp]']
+    tags = ['image-classification', 'timm'] + (['posmlp'] if name.startswith('posmlp') else [])
+    header = ['---', 'library_name: timm', f'tags: [{", ".join(tags)}]']
     header += [f'license: {license_name}'] if license_name else []
     lines = header + ['---', '', f'# {name}: {os.path.basename(os.path.normpath(output))}', '',
                       f'`{name}` ({sum(p.numel() for p in model.parameters()):,} parameters) trained with the PosMLP '

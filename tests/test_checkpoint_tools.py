@@ -109,6 +109,9 @@ def test_clean_no_use_ema_takes_the_live_weights_and_an_output_name(tmp_path):
                                   '--output', str(out)]) == 0
     assert torch.equal(logits(models.create_model_from_checkpoint(str(out)), IMAGES),
                        logits(model_of(saved['state_dict']), IMAGES))
+    # A folder as --output takes the checkpoint's name.
+    assert clean_checkpoint.main(['--checkpoint', str(tmp_path / 'last.pth.tar'), '--output', str(out.parent)]) == 0
+    assert [p.name.startswith('last-') and p.suffix == '.pth' for p in out.parent.iterdir() if p != out] == [True]
 
 
 def test_clean_refuses_what_would_overwrite_or_misname_a_file(tmp_path, capsys):
