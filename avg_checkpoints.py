@@ -19,7 +19,6 @@ import sys
 from dataclasses import dataclass
 from typing import List, Optional
 
-import torch
 
 import models
 from models import CheckpointError

@@ -124,9 +124,10 @@ def data_section(loaded: LoadedCheckpoint, cfg: dict, num_classes: int) -> List[
     args = loaded.args
     source = args.get('dataset') or 'image folder'
     lines = ['## Data', '']
-    if args.get('data_dir') or args.get('data'):
-        lines.append(f'Trained on the `{args.get("train_split", "train")}` split of `{args.get("data_dir") or args.get("data")}` '
-                     f'({source}), validated on its `{args.get("val_split", "validation")}` split.')
+    root = args.get('data_dir') or args.get('data')
+    if root:
+        lines.append(f'Trained on the `{args.get("train_split", "train")}` split of `{root}` ({source}), validated on '
+                     f'its `{args.get("val_split", "validation")}` split.')
     names = label_names(loaded.class_to_idx)
     if names:
         shown = list(names.values() if isinstance(names, dict) else names)

@@ -171,7 +171,8 @@ def check_options(parser, args):
         parser.error('give --checkpoint (its model is exported) or --model (exported with random weights).')
     if args.model and not timm.is_model(args.model):
         close = difflib.get_close_matches(args.model, timm.list_models(), n=3, cutoff=0.6)
-        parser.error(f'--model {args.model}: no such model{"; did you mean " + ", ".join(close) + "?" if close else "."}')
+        suggestion = f'; did you mean {", ".join(close)}?' if close else '.'
+        parser.error(f'--model {args.model}: no such model{suggestion}')
     if args.batch_size < 1:
         parser.error(f'--batch-size must be 1 or more, not {args.batch_size}.')
     if args.img_size is not None and args.img_size < 1:

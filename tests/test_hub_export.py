@@ -47,7 +47,8 @@ def test_timm_loads_the_export_offline_with_the_checkpoints_logits_and_input(tra
     model = timm.create_model(f'local-dir:{out}', pretrained=True)
     expected = models.create_model_from_checkpoint(str(best))
     assert torch.equal(logits(model, IMAGES), logits(expected, IMAGES))
-    config = {k: tuple(v) if isinstance(v, list) else v for k, v in timm.data.resolve_data_config({}, model=model).items()}
+    config = timm.data.resolve_data_config({}, model=model)
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}  # config.json gives lists
     assert config['input_size'] == (3, 32, 32) and config == timm.data.resolve_data_config({}, model=expected)
     saved = json.loads((out / 'config.json').read_text())
     assert saved['label_names'] == ['a', 'b', 'c'] and 'tag' not in saved['pretrained_cfg']
