@@ -24,7 +24,7 @@ import models
 from models import CheckpointError
 from utils.distributed import run_script
 from utils.outputs import setup_logging
-from utils.weights_files import output_suffix, split_suffix, weights_content, write_weights_file
+from utils.weights_files import loading_hint, output_suffix, split_suffix, weights_content, write_weights_file
 
 _logger = logging.getLogger('avg_checkpoints')
 
@@ -157,6 +157,7 @@ def average_checkpoints(args) -> str:
     content = weights_content(first, state_dict, averaged_from=sources)
     final, sha256 = write_weights_file(content, path, hash_in_name=False)
     _logger.info(f'Averaged the {first.weights} of {len(selected)} checkpoint(s) into {final}, SHA256 {sha256}')
+    _logger.info(f'Load it with {loading_hint(final, content)}.')
     return final
 
 
