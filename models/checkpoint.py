@@ -3,9 +3,12 @@
 A checkpoint is either the authors' training format (`state_dict`, `state_dict_ema`, `args` as an
 argparse.Namespace, their parameter names) or this project's (the same keys plus `model_name` and
 `model_kwargs`, everything plain data), or a bare state dict. All load with `weights_only=True`.
+A `.safetensors` file holds one state dict, and the plain data beside it as JSON in its metadata; it
+reads as `{'state_dict': weights, **that data}`.
 """
 import argparse
 import errno
+import json
 import logging
 import os
 import pickle
@@ -14,6 +17,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+import safetensors
+import safetensors.torch
 import timm
 import torch
 from timm.layers import to_2tuple
@@ -30,6 +35,11 @@ PROCESS_UMASK = os.umask(0)
 os.umask(PROCESS_UMASK)
 # The first bytes of a zip archive, the format torch.save writes since PyTorch 1.6.
 ZIP_MAGIC = b'PK\x03\x04'
+SAFETENSORS_SUFFIX = '.safetensors'
+# The safetensors metadata entry (a JSON object) that holds a file's plain data: model name, arguments, class map.
+SAFETENSORS_DATA_KEY = 'checkpoint'
+# Entries that hold weights: a safetensors file's plain data may not claim them.
+WEIGHTS_KEYS = ('state_dict_ema', 'model_ema', 'state_dict', 'model')
 
 __all__ = [
     'CheckpointError', 'LoadedCheckpoint', 'create_model_from_checkpoint', 'infer_model_kwargs',
@@ -49,6 +59,8 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> Any:
     """
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint {path!r} does not exist (or is not a file); check the path.')
+    if path.endswith(SAFETENSORS_SUFFIX):
+        return _load_safetensors_file(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
@@ -82,9 +94,52 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> Any:
             f'size with the original\'s, then download it again.') from None
 
 
+def _load_safetensors_file(path: str) -> dict:
+    """{'state_dict': the file's tensors, **the plain data its metadata holds}. safetensors reads only
+    tensors and a JSON header, so nothing in the file can run code."""
+    try:
+        with safetensors.safe_open(path, framework='pt', device='cpu') as f:
+            metadata = f.metadata() or {}
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+    except safetensors.SafetensorError as e:
+        raise CheckpointError(
+            f'{path!r} is not a readable safetensors file ({e}; {os.path.getsize(path):,} bytes): a truncated '
+            f'download, or another format under this name? Compare its size with the original\'s and copy it again.'
+        ) from None
+    try:
+        data = json.loads(metadata.get(SAFETENSORS_DATA_KEY, '{}'))
+    except ValueError as e:
+        raise CheckpointError(f'{path!r}: the {SAFETENSORS_DATA_KEY!r} entry of its metadata is not JSON ({e}); '
+                              f'the file was altered. Use the original file.') from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f'{path!r}: the {SAFETENSORS_DATA_KEY!r} entry of its metadata is not a JSON object; '
+                              f'the file was altered. Use the original file.')
+    data = {k: v for k, v in data.items() if k not in WEIGHTS_KEYS}
+    return dict(data, state_dict=state_dict)
+
+
+def _safetensors_bytes(obj: dict) -> bytes:
+    """A checkpoint as safetensors: its `state_dict` (or obj itself, when all tensors) as the tensors,
+    everything else as JSON in the metadata."""
+    if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
+        state_dict, data = obj['state_dict'], {k: v for k, v in obj.items() if k != 'state_dict'}
+    elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state_dict, data = obj, {}
+    else:
+        raise CheckpointError('a .safetensors file holds a state dict (a dict of tensors), alone or as the '
+                              '`state_dict` of a dict of plain data.')
+    try:
+        metadata = {'format': 'pt', SAFETENSORS_DATA_KEY: json.dumps(data)}
+    except TypeError as e:
+        raise CheckpointError(f'a .safetensors file holds one state dict and plain data beside it (JSON); '
+                              f'{e}. Write a .pth file, or keep only the weights wanted and plain data.') from None
+    return safetensors.torch.save({k: v.contiguous() for k, v in state_dict.items()}, metadata=metadata)
+
+
 def save_checkpoint_file(obj: Any, path: str):
     """torch.save to a temporary file in the same folder, then rename: a crash never leaves a half file.
 
+    A path ending `.safetensors` gets safetensors instead (see `_safetensors_bytes`).
     The file gets the permissions the process's umask gives new files, as with torch.save(path).
     """
     folder = os.path.dirname(os.path.abspath(path))
@@ -92,7 +147,10 @@ def save_checkpoint_file(obj: Any, path: str):
     fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.pth.tar', dir=folder)
     try:
         with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+            if path.endswith(SAFETENSORS_SUFFIX):
+                f.write(_safetensors_bytes(obj))
+            else:
+                torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         # mkstemp creates the file private (0600); give it the mode a plain open() would, so others may read it.
@@ -133,6 +191,7 @@ class LoadedCheckpoint:
     epoch: Optional[int] = None
     metric: Optional[float] = None
     args: Dict[str, Any] = field(default_factory=dict)  # the training options, as plain data
+    class_to_idx: Optional[Dict[str, int]] = None  # class folder name -> label, as train.py stores it
 
 
 def read_checkpoint(path: str, use_ema: Optional[bool] = None) -> LoadedCheckpoint:
@@ -151,6 +210,7 @@ def read_checkpoint(path: str, use_ema: Optional[bool] = None) -> LoadedCheckpoi
         epoch=checkpoint.get('epoch'),
         metric=checkpoint.get('metric'),
         args=args,
+        class_to_idx=dict(checkpoint['class_to_idx']) if isinstance(checkpoint.get('class_to_idx'), dict) else None,
     )
 
 

@@ -1,0 +1,307 @@
+#!/usr/bin/env python3
+"""Predict the top-k classes of images with a checkpoint: a folder, a file list or a single image.
+
+    python inference.py path/to/images --checkpoint output/train/RUN/model_best.pth.tar --topk 5
+    python inference.py images.txt --checkpoint posmlp_t.pth.tar --results-format csv json parquet
+
+As timm's inference.py, but the model is rebuilt from the checkpoint (no --model needed) and fused
+for inference (timm's reparameterize_model). Class names come from the class map the checkpoint
+stores (this project's train.py stores one), --class-map, or ImageNet's names (timm ships them) for
+models with ImageNet's class count. Images that cannot be read are named in a warning and left out.
+Results go to --results-dir/--results-file (default: MODEL-SIZE in the current folder) as csv,
+json or parquet, and to the console.
+"""
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import sys
+import time
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+from timm.data import CustomDatasetInfo, DatasetInfoLabelMapper, ImageNetInfo, infer_imagenet_subset
+from timm.utils import ParseKwargs, reparameterize_model
+
+import models
+from models import CheckpointError
+from utils.amp import resolve_precision
+from utils.args import OptionError
+from utils.data import DataError, build_loader, create_eval_transform, resolve_input_config, unreadable_count
+from utils.distributed import device_problem, init_runtime, run_script
+from utils.image_list import image_list_dataset
+from utils.outputs import setup_logging, write_atomically
+from validate import CROP_MODES, INTERPOLATIONS, wanted_class_map
+
+_logger = logging.getLogger('inference')
+
+RESULT_FORMATS = ('csv', 'json', 'parquet')
+LABEL_TYPES = ('none', 'name', 'description', 'detailed')
+DATA_OPTIONS = ('input_size', 'img_size', 'crop_pct', 'crop_mode', 'mean', 'std', 'interpolation')
+
+
+def inference_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='inference.py', description=__doc__.split('\n\n')[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('data', nargs='?', metavar='PATH',
+                        help='a folder of images (searched recursively), a file list (.txt, one image path a line) '
+                             'or an image')
+    parser.add_argument('--data-dir', default='', metavar='PATH', help='same as PATH')
+    parser.add_argument('--checkpoint', required=True, metavar='PATH',
+                        help="a checkpoint of this project's train.py, a cleaned or averaged one, or the authors'")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument('--use-ema', action='store_true', default=None,
+                         help='require the EMA weights (default: EMA when the checkpoint has them)')
+    weights.add_argument('--no-use-ema', '--no-ema', dest='use_ema', action='store_false',
+                         help='use the live (non-EMA) weights')
+    parser.add_argument('--model', default=None, help='timm model name (default: the one the checkpoint describes)')
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+                        help='more model arguments, values as Python literals')
+    parser.add_argument('--no-reparam', dest='reparam', action='store_false',
+                        help="run the model as trained, without timm's reparameterize_model")
+    parser.add_argument('--class-map', default='', metavar='FILE',
+                        help='class names, one a line in label order (default: the class map the checkpoint stores)')
+    parser.add_argument('--label-type', default='description', choices=LABEL_TYPES,
+                        help="names in results: ImageNet's synset ids (name), their words (description, detailed), "
+                             "or none; a class map's names serve for all but none")
+    parser.add_argument('--topk', type=int, default=1, help='predictions per image')
+    parser.add_argument('--output-type', default='prob', choices=('prob', 'logit'),
+                        help='softmax probabilities or raw logits')
+    parser.add_argument('--exclude-output', action='store_true', help='leave the probabilities/logits out')
+    parser.add_argument('--include-index', action='store_true', help='include the class indices')
+    parser.add_argument('--fullname', action='store_true',
+                        help='name images by absolute path (default: as found under the folder or in the list)')
+    parser.add_argument('--results-dir', default='', metavar='DIR', help='folder for the results files')
+    parser.add_argument('--results-file', default='', metavar='NAME',
+                        help='results file name, in --results-dir; its ending picks the format unless '
+                             '--results-format is given (default: MODEL-SIZE)')
+    parser.add_argument('--results-format', nargs='+', default=None, choices=RESULT_FORMATS,
+                        help='one or more formats to write (default: csv)')
+    parser.add_argument('--no-console-results', action='store_true', help='do not print the results')
+    parser.add_argument('-b', '--batch-size', type=int, default=256, help='batch size')
+    parser.add_argument('-j', '--workers', type=int, default=min(4, os.cpu_count() or 1),
+                        help='data loading processes')
+    parser.add_argument('--amp', action='store_true', help='native torch mixed precision')
+    parser.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'),
+                        help='autocast type; implies --amp (default: bfloat16 on the CPU, float16 on CUDA)')
+    parser.add_argument('--channels-last', action='store_true', help='channels_last memory layout')
+    parser.add_argument('--img-size', type=int, default=None, help='input image size')
+    parser.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'), help='input size')
+    parser.add_argument('--crop-pct', type=float, default=None, help='center-crop fraction')
+    parser.add_argument('--crop-mode', default=None, choices=CROP_MODES, help='how the image is fit to the crop')
+    parser.add_argument('--interpolation', default=None, choices=INTERPOLATIONS, help='resize interpolation')
+    parser.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean')
+    parser.add_argument('--std', type=float, nargs='+', default=None, help='normalisation std')
+    parser.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda when available)')
+    parser.add_argument('--threads', type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument('--log-freq', type=int, default=10, help='batches between progress lines')
+    return parser
+
+
+def label_mapper(args, model, checkpoint: models.LoadedCheckpoint) -> Optional[Callable[[int], str]]:
+    """Class index -> name: the class map given or stored, else ImageNet's for a model of its class count."""
+    if args.label_type == 'none':
+        return None
+    class_map, source = wanted_class_map(args)
+    if class_map:
+        by_label = {label: name for name, label in class_map.items()}
+        beyond = [label for label in by_label if not 0 <= label < model.num_classes]
+        if beyond:
+            raise DataError(f'{source} has labels up to {max(by_label)}, but the model predicts only '
+                            f'{model.num_classes} classes; give the class map of its training data.')
+        info = CustomDatasetInfo(label_names=by_label)
+    elif infer_imagenet_subset(model):
+        info, source = ImageNetInfo(infer_imagenet_subset(model)), f'ImageNet ({infer_imagenet_subset(model)})'
+    else:
+        _logger.warning(f'No class names: {checkpoint.path} stores no class map and the model\'s {model.num_classes} '
+                        f'classes are not ImageNet\'s; results give class indices (--class-map FILE names them).')
+        return None
+    mapper = DatasetInfoLabelMapper(info, label_type=args.label_type)
+    missing = mapper.coverage(model.num_classes).missing
+    if missing:
+        _logger.warning(f'{source} names {model.num_classes - missing} of the {model.num_classes} classes; the '
+                        f'others are labelled <unmapped:INDEX>.')
+    _logger.info(f'Class names from {source}.')
+    return mapper
+
+
+def build_model(args, runtime):
+    checkpoint = models.read_checkpoint(args.checkpoint, use_ema=args.use_ema)
+    model = models.create_model_from_checkpoint(checkpoint, model_name=args.model, **args.model_kwargs).eval()
+    if args.reparam:
+        model = reparameterize_model(model, inplace=True)
+    model.to(runtime.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return checkpoint, model
+
+
+def predict(model, loader, runtime, autocast, args, top_k: int) -> tuple:
+    """(sample indices, top-k class indices, their probabilities or logits) of every readable image."""
+    indices, classes, outputs = [], [], []
+    start = time.time()
+    with torch.inference_mode():
+        for batch_index, batch in enumerate(loader):
+            if batch is None:  # every image of the batch was unreadable
+                continue
+            images, sample_indices = batch
+            images = images.to(runtime.device)
+            if args.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                logits = model(images)
+            values = logits.float().softmax(-1) if args.output_type == 'prob' else logits.float()
+            values, top = values.topk(top_k)
+            indices.append(sample_indices.numpy())
+            classes.append(top.cpu().numpy())
+            outputs.append(values.cpu().numpy())
+            if batch_index % args.log_freq == 0:
+                _logger.info(f'Predict: [{batch_index + 1}/{len(loader)}] {time.time() - start:.1f}s')
+    if not indices:
+        return np.zeros(0, np.int64), np.zeros((0, top_k), np.int64), np.zeros((0, top_k), np.float32)
+    return np.concatenate(indices), np.concatenate(classes), np.concatenate(outputs)
+
+
+def result_columns(args, names: List[str], classes, outputs, to_label) -> dict:
+    """Column name -> one value per image: the file name, then the class indices, names and outputs
+    (a list of k per image, or the value itself for --topk 1, as in timm)."""
+    def cells(array):
+        return [row[0] if len(row) == 1 else list(row) for row in array.tolist()]
+
+    columns = {'filename': names}
+    if args.include_index or to_label is None:
+        columns['index'] = cells(classes)
+    if to_label is not None:
+        columns['label'] = cells(np.vectorize(to_label, otypes=[object])(classes)) if len(classes) else []
+    if not args.exclude_output:
+        columns[args.output_type] = cells(outputs)
+    return columns
+
+
+def csv_text(columns: dict) -> str:
+    """One row per image; a column of k values becomes k columns NAME_0 .. NAME_{k-1}."""
+    wide = {}
+    for name, values in columns.items():
+        if values and isinstance(values[0], list):
+            wide.update({f'{name}_{i}': [v[i] for v in values] for i in range(len(values[0]))})
+        else:
+            wide[name] = values
+    text = io.StringIO(newline='')
+    writer = csv.writer(text)
+    writer.writerow(wide)
+    writer.writerows(zip(*wide.values()))
+    return text.getvalue()
+
+
+def json_text(columns: dict) -> str:
+    """{file name: {column: value}}, as timm's json results."""
+    names = columns['filename']
+    rest = {k: v for k, v in columns.items() if k != 'filename'}
+    return json.dumps({name: {k: v[i] for k, v in rest.items()} for i, name in enumerate(names)}, indent=2)
+
+
+def write_parquet(columns: dict, path: str):
+    import pyarrow
+    import pyarrow.parquet
+    partial = path + '.tmp'
+    pyarrow.parquet.write_table(pyarrow.table(columns), partial)
+    os.replace(partial, path)
+
+
+def results_base(args, model, data_config) -> str:
+    """The results path without its ending: --results-file (its ending dropped), else MODEL-SIZE, in --results-dir."""
+    if args.results_file:
+        stem, ending = os.path.splitext(args.results_file)
+        name = stem if ending.lstrip('.') in RESULT_FORMATS else args.results_file
+    else:
+        name = f'{model.pretrained_cfg["architecture"]}-{data_config["input_size"][-1]}'
+    return os.path.join(args.results_dir, name)
+
+
+def write_results(columns: dict, base: str, formats: List[str]) -> List[str]:
+    if os.path.dirname(base):
+        os.makedirs(os.path.dirname(base), exist_ok=True)
+    written = []
+    for fmt in formats:
+        path = f'{base}.{fmt}'
+        if fmt == 'parquet':
+            write_parquet(columns, path)
+        else:
+            write_atomically(path, csv_text(columns) if fmt == 'csv' else json_text(columns) + '\n')
+        written.append(path)
+    return written
+
+
+def infer(args):
+    runtime = init_runtime(args.device, threads=args.threads)
+    dataset = image_list_dataset(args.data_dir)
+    checkpoint, model = build_model(args, runtime)
+    to_label = label_mapper(args, model, checkpoint)
+    given = {k: getattr(args, k) for k in DATA_OPTIONS if getattr(args, k) is not None}
+    data_config = resolve_input_config(given, model)
+    dataset.transform = create_eval_transform(data_config)
+    loader = build_loader(dataset, args.batch_size, False, runtime, args.workers)
+    amp = args.amp or args.amp_dtype is not None
+    _, _, precision = resolve_precision(runtime.device, amp=amp, amp_dtype=args.amp_dtype)
+    top_k = min(args.topk, model.num_classes)
+    if top_k < args.topk:
+        _logger.info(f'--topk {args.topk}: the model has only {model.num_classes} classes; giving {top_k}.')
+    _logger.info(f'Predicting {len(dataset)} images with {checkpoint.weights} of {args.checkpoint} on '
+                 f'{runtime.device}, {precision.description}, input {data_config["input_size"]} crop '
+                 f'{data_config["crop_pct"]} {data_config["interpolation"]}.')
+    sample_indices, classes, outputs = predict(model, loader, runtime, precision.autocast, args, top_k)
+    unreadable = unreadable_count(dataset)
+    if not len(sample_indices):
+        raise DataError(f'none of the {len(dataset)} images could be read; the warnings above name them.')
+    if unreadable:
+        _logger.warning(f'{unreadable} of {len(dataset)} images could not be read and have no results; the '
+                        f'warnings above name them.')
+    names = [dataset.reader.filename(i, absolute=args.fullname) for i in sample_indices.tolist()]
+    columns = result_columns(args, names, classes, outputs, to_label)
+    written = write_results(columns, results_base(args, model, data_config), args.results_format)
+    _logger.info(f'Results for {len(names)} images written to {", ".join(written)}.')
+    if not args.no_console_results:
+        print(json_text(columns))
+
+
+def check_options(parser, args):
+    args.data_dir = args.data or args.data_dir
+    if not args.data_dir:
+        parser.error('give the images to predict on (PATH or --data-dir).')
+    if args.data and args.data_dir != args.data:
+        parser.error('give the images once, as PATH or --data-dir.')
+    if args.topk < 1:
+        parser.error(f'--topk must be 1 or more, not {args.topk}.')
+    if args.exclude_output and args.label_type == 'none' and not args.include_index:
+        parser.error('--exclude-output with --label-type none leaves nothing to write; add --include-index.')
+    for name in ('batch_size', 'log_freq'):
+        if getattr(args, name) < 1:
+            parser.error(f'--{name.replace("_", "-")} must be 1 or more, not {getattr(args, name)}.')
+    if args.workers < 0:
+        parser.error(f'--workers must be 0 or more, not {args.workers}.')
+    if args.results_format is None:
+        ending = os.path.splitext(args.results_file)[1].lstrip('.')
+        args.results_format = [ending] if ending in RESULT_FORMATS else ['csv']
+    if 'parquet' in args.results_format:
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            parser.error('parquet results need pyarrow: pip install pyarrow (requirements-dev.txt has it).')
+    if args.device and device_problem(args.device):
+        parser.error(device_problem(args.device))
+
+
+def main(argv=None) -> int:
+    parser = inference_parser()
+    args = parser.parse_args(argv)
+    check_options(parser, args)
+    setup_logging(None, True)
+    return run_script(infer, args, (DataError, CheckpointError, OptionError), _logger)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
