@@ -29,10 +29,11 @@ from timm.utils import ParseKwargs, reparameterize_model
 import models
 from models import CheckpointError
 from utils.amp import resolve_precision
-from utils.args import OptionError
-from utils.data import DataError, build_loader, create_eval_transform, resolve_input_config, unreadable_count
+from utils.args import OptionError, add_loader_options
+from utils.data import DataError, resolve_input_config, unreadable_count
 from utils.distributed import device_problem, init_runtime, run_script
 from utils.image_list import image_list_dataset
+from utils.loaders import build_eval_loader, loader_options
 from utils.outputs import setup_logging, write_atomically
 from validate import CROP_MODES, INTERPOLATIONS, wanted_class_map
 
@@ -83,8 +84,7 @@ def inference_parser() -> argparse.ArgumentParser:
                         help='one or more formats to write (default: csv)')
     parser.add_argument('--no-console-results', action='store_true', help='do not print the results')
     parser.add_argument('-b', '--batch-size', type=int, default=256, help='batch size')
-    parser.add_argument('-j', '--workers', type=int, default=min(4, os.cpu_count() or 1),
-                        help='data loading processes')
+    add_loader_options(parser, 'process')
     parser.add_argument('--amp', action='store_true', help='native torch mixed precision')
     parser.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'),
                         help='autocast type; implies --amp (default: bfloat16 on the CPU, float16 on CUDA)')
@@ -146,9 +146,9 @@ def predict(model, loader, runtime, autocast, args, top_k: int) -> tuple:
     start = time.time()
     with torch.inference_mode():
         for batch_index, batch in enumerate(loader):
-            if batch is None:  # every image of the batch was unreadable
-                continue
             images, sample_indices = batch
+            if not len(sample_indices):  # every image of the batch was unreadable
+                continue
             images = images.to(runtime.device)
             if args.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -156,7 +156,7 @@ def predict(model, loader, runtime, autocast, args, top_k: int) -> tuple:
                 logits = model(images)
             values = logits.float().softmax(-1) if args.output_type == 'prob' else logits.float()
             values, top = values.topk(top_k)
-            indices.append(sample_indices.numpy())
+            indices.append(sample_indices.cpu().numpy())
             classes.append(top.cpu().numpy())
             outputs.append(values.cpu().numpy())
             if batch_index % args.log_freq == 0:
@@ -243,8 +243,7 @@ def infer(args):
     to_label = label_mapper(args, model, checkpoint)
     given = {k: getattr(args, k) for k in DATA_OPTIONS if getattr(args, k) is not None}
     data_config = resolve_input_config(given, model)
-    dataset.transform = create_eval_transform(data_config)
-    loader = build_loader(dataset, args.batch_size, False, runtime, args.workers)
+    loader = build_eval_loader(dataset, data_config, args.batch_size, runtime, loader_options(args, runtime.device))
     amp = args.amp or args.amp_dtype is not None
     _, _, precision = resolve_precision(runtime.device, amp=amp, amp_dtype=args.amp_dtype)
     top_k = min(args.topk, model.num_classes)

@@ -9,11 +9,10 @@ import logging
 import os
 from typing import List, Tuple
 
-from timm.data import ImageDataset
-from timm.data.readers.img_extensions import get_img_extensions
 from timm.data.readers.reader import Reader
 
 from .data import DataError, UnreadableImageSkipper
+from .images import image_extensions
 
 _logger = logging.getLogger(__name__)
 
@@ -29,12 +28,13 @@ class ImageListReader(Reader):
         self.paths = paths
         self.names = names
         self.root = root
+        self.samples = [(path, index) for index, path in enumerate(paths)]
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        return self.paths[index], index
+        return self.samples[index]
 
     def _filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
         path = self.paths[index]
@@ -44,7 +44,7 @@ class ImageListReader(Reader):
 
 
 def _is_image(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in get_img_extensions(as_set=True)
+    return os.path.splitext(name)[1].lower() in image_extensions()
 
 
 def _folder_images(folder: str) -> List[str]:
@@ -56,7 +56,7 @@ def _folder_images(folder: str) -> List[str]:
     if others:
         shown = ', '.join(os.path.relpath(p, folder) for p in others[:5])
         _logger.warning(f'Left out {len(others)} file(s) in {folder} that are not images by their ending '
-                        f'({"/".join(get_img_extensions())}): {shown}{" ..." if len(others) > 5 else ""}')
+                        f'({"/".join(sorted(image_extensions()))}): {shown}{" ..." if len(others) > 5 else ""}')
     return images
 
 
@@ -81,17 +81,16 @@ def image_paths(source: str) -> Tuple[List[str], List[str], str]:
     elif os.path.isfile(source) and _is_image(source):
         paths, names, root = [source], [source], os.path.dirname(os.path.abspath(source))
     elif os.path.isfile(source):
-        raise DataError(f'{source} is neither an image ({"/".join(get_img_extensions())}) nor a file list '
+        raise DataError(f'{source} is neither an image ({"/".join(sorted(image_extensions()))}) nor a file list '
                         f'({"/".join(FILE_LIST_SUFFIXES)}, one image path a line); give one of those or a folder.')
     else:
         raise DataError(f'{source} does not exist; give an image, a folder of images or a file list.')
     if not paths:
-        raise DataError(f'{source} names no images ({"/".join(get_img_extensions())}).')
+        raise DataError(f'{source} names no images ({"/".join(sorted(image_extensions()))}).')
     return paths, names, root
 
 
 def image_list_dataset(source: str) -> UnreadableImageSkipper:
     """The images of `source` as a dataset (`transform` to be set) that leaves out the unreadable ones."""
     paths, names, root = image_paths(source)
-    dataset = ImageDataset(root, reader=ImageListReader(paths, names, root))
-    return UnreadableImageSkipper(dataset, max_bad=len(paths), substitute=False)
+    return UnreadableImageSkipper(ImageListReader(paths, names, root), max_bad=len(paths), substitute=False)
