@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import utils.offline  # noqa: F401  (first: the hub client reads its switches when timm imports it)
 import torch
 import torch.nn.functional as F
 import timm

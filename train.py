@@ -13,6 +13,8 @@ import sys
 import time
 import warnings
 
+import utils.offline  # noqa: F401  (first: the hub client reads its switches when timm imports it)
+
 import timm
 import torch
 import torch.nn as nn

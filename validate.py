@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Optional
 
+import utils.offline  # noqa: F401  (first: the hub client reads its switches when timm imports it)
+
 import timm
 import torch
 from timm.data.readers.class_map import load_class_map
