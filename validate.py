@@ -8,11 +8,13 @@ The checkpoint may be this project's (it names its model) or the authors' (the a
 off the weights), so --model is optional. EMA weights are used when the checkpoint has them. The
 input size, crop and normalisation are the ones the checkpoint was trained with when it records
 them, else the model's defaults; options given here override both. With N processes every image
-is evaluated exactly once, so the numbers equal those of one process.
+is evaluated exactly once: top-1 and top-5 equal those of one process, and the loss agrees to float32
+rounding (README, Evaluation).
 """
 import argparse
 import csv
 import difflib
+import io
 import json
 import logging
 import os
@@ -31,14 +33,14 @@ from timm.utils import ParseKwargs
 import models
 from models import CheckpointError
 from utils.amp import resolve_precision
-from utils.args import OptionError, check_integer_minimums, resolve_data_root
+from utils.args import OptionError, check_integer_minimums, check_number_ranges, resolve_data_root
 from utils.data import (
     DataError, build_loader, class_to_idx, create_eval_transform, create_split_dataset, evaluation_folder,
     num_classes_of, resolve_input_config, unreadable_count,
 )
 from utils.distributed import device_problem, init_runtime, run_script
 from utils.engine import evaluate
-from utils.outputs import setup_logging
+from utils.outputs import OutputError, setup_logging, write_atomically, writing
 
 _logger = logging.getLogger('validate')
 
@@ -150,15 +152,21 @@ def labelled_folder(data_dir: str, args, model_classes: Optional[int]):
 
 
 def write_results(path: str, results: dict):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with open(path, 'w', newline='') as f:
-        if path.endswith('.json'):
-            json.dump(results, f, indent=2)
-        else:
-            writer = csv.DictWriter(f, fieldnames=list(results))
-            writer.writeheader()
-            writer.writerow(results)
+    """Write `results` to a .json or .csv file, whole or not at all; OutputError (after the results were printed)
+    names the file when it cannot be written."""
+    if path.endswith('.json'):
+        text = json.dumps(results, indent=2)
+    else:
+        text = io.StringIO(newline='')
+        writer = csv.DictWriter(text, fieldnames=list(results))
+        writer.writeheader()
+        writer.writerow(results)
+        text = text.getvalue()
+    try:
+        with writing(path, '--results-file'):
+            write_atomically(path, text)
+    except OutputError as e:
+        raise OutputError(f'{e} The results are printed above.') from None
 
 
 def validate(args) -> dict:
@@ -227,16 +235,13 @@ def validate(args) -> dict:
 
 
 def check_input_options(parser: argparse.ArgumentParser, args):
-    """Stop with the option named when the model, input size or device cannot be used (not a traceback later)."""
+    """Stop with the option named when the model or device cannot be used (not a traceback later); sizes are
+    checked with the other numbers (utils.args)."""
     if args.model and not timm.is_model(args.model):
         close = difflib.get_close_matches(args.model, timm.list_models(), n=3, cutoff=0.6)
         suggestion = f'did you mean {", ".join(close)}? ' if close else ''
         parser.error(f'--model {args.model}: no such model; {suggestion}'
                      f'or leave --model out to build the one the checkpoint describes.')
-    if args.img_size is not None and args.img_size < 1:
-        parser.error(f'--img-size must be 1 or more, not {args.img_size}.')
-    if args.input_size is not None and min(args.input_size) < 1:
-        parser.error(f'--input-size values must be 1 or more, not {" ".join(map(str, args.input_size))}.')
     if args.device and device_problem(args.device):
         parser.error(device_problem(args.device))
 
@@ -252,8 +257,9 @@ def main(argv=None) -> int:
     if not (args.data_dir or args.dataset):
         parser.error('give the data folder to evaluate on (DIR or --data-dir).')
     check_integer_minimums(parser, args)
+    check_number_ranges(parser, args)
     check_input_options(parser, args)
-    return run_script(validate, args, (DataError, CheckpointError, OptionError), _logger)
+    return run_script(validate, args, (DataError, CheckpointError, OptionError, OutputError), _logger)
 
 
 if __name__ == '__main__':
