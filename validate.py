@@ -33,7 +33,7 @@ from timm.utils import ParseKwargs
 import models
 from models import CheckpointError
 from utils.amp import resolve_precision
-from utils.args import OptionError, check_integer_minimums, check_number_ranges, resolve_data_root
+from utils.args import DefaultsHelpFormatter, OptionError, check_integer_minimums, check_number_ranges, resolve_data_root
 from utils.data import (
     DataError, build_loader, class_to_idx, create_eval_transform, create_split_dataset, evaluation_folder,
     num_classes_of, resolve_input_config, unreadable_count,
@@ -54,7 +54,7 @@ CROP_MODES = ('center', 'squash', 'border')
 def validate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='validate.py', description=__doc__.split('\n\n')[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument('data', nargs='?', metavar='DIR',
                         help='validation split folder (one folder per class), or a root with val/ or validation/')
     parser.add_argument('--data-dir', default='', metavar='DIR', help='same as DIR')
@@ -71,7 +71,8 @@ def validate_parser() -> argparse.ArgumentParser:
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument('--use-ema', action='store_true', default=None,
                          help='require the EMA weights (default: EMA when the checkpoint has them)')
-    weights.add_argument('--no-ema', dest='use_ema', action='store_false', help='use the live (non-EMA) weights')
+    weights.add_argument('--no-ema', dest='use_ema', action='store_false', default=argparse.SUPPRESS,
+                         help='use the live (non-EMA) weights')
     parser.add_argument('--model', default=None, help='timm model name (default: the one the checkpoint describes)')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                         help='more model arguments, values as Python literals')

@@ -1,10 +1,13 @@
 """Failures a user can cause are one line each, never a traceback, and lose nothing: unwritable outputs, a
 full disk, over-long names, bad configs and numbers, an unwritable results file; kill -9 leaves no debris
-that outlives the next run; a bare --resume continues the run it names."""
+that outlives the next run; a bare --resume continues the run it names; --help states defaults truly."""
+import argparse
 import errno
 import logging
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
 
@@ -17,8 +20,10 @@ from conftest import ROOT, TINY_KWARGS, TINY_MODEL_ARGS, make_image_folder
 import models
 import train
 import validate
+from models.checkpoint import PROCESS_UMASK
 from utils import outputs
-from utils.args import parse_train_args
+from utils.args import parse_train_args, train_parser
+from utils.digits import prepare_digits
 
 pytestmark = pytest.mark.usefixtures('in_process_run')
 
@@ -322,3 +327,34 @@ def test_a_bare_resume_continues_the_run_as_recorded(tmp_path, monkeypatch, caps
     assert resumed['args']['lr'] == 0.01 and resumed['args']['batch_size'] == 4  # as recorded
     assert resumed['args']['smoothing'] == 0.2 and resumed['args']['epochs'] == 3  # as given
     assert resumed['args']['data_dir'] == str(data) and not (tmp_path / 'output').exists()
+
+
+# --- --help and the quickstart data -------------------------------------------------------------------------
+
+
+def parsers():
+    validate_parser = validate.validate_parser()
+    return {'train.py': (train_parser(), []), 'validate.py': (validate_parser, ['--checkpoint', 'x'])}
+
+
+@pytest.mark.parametrize('script', ['train.py', 'validate.py'])
+def test_help_states_each_default_once_and_truly(script):
+    parser, required = parsers()[script]
+    defaults = vars(parser.parse_args(required))
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS:
+            continue
+        text = ' '.join(formatter._expand_help(action).split())
+        assert len(re.findall(r'\bdefault\b', text, re.IGNORECASE)) <= 1, text
+        if '%(default)' in formatter._get_help_string(action):  # the value, not words of the help
+            assert action.default == defaults[action.dest], (action.option_strings, text, defaults[action.dest])
+
+
+def test_the_digits_are_readable_like_other_outputs(tmp_path):
+    root = prepare_digits(tmp_path / 'data' / 'digits')
+    expected = 0o777 & ~PROCESS_UMASK
+    for folder in (root, root / 'train', root / 'val' / '3'):
+        assert stat.S_IMODE(folder.stat().st_mode) == expected, folder
+    image = next((root / 'val' / '3').iterdir())
+    assert stat.S_IMODE(image.stat().st_mode) == 0o666 & ~PROCESS_UMASK

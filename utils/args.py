@@ -9,6 +9,7 @@ none; its `resume` is not read (only a --resume on the command line continues a 
 import argparse
 import math
 import os
+import re
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -214,6 +215,19 @@ def warn_of_config_resume(parser: argparse.ArgumentParser, args: argparse.Namesp
               f'on the command line.', file=sys.stderr)
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help that states each option's default once, and truly: "(default: X)" is added unless the help already
+    speaks of its default, and left out where there is no value to state (None, '', and SUPPRESS, which the
+    second switch of a pair such as --use-ema/--no-ema has, since the first one holds the default)."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ''
+        if not action.option_strings or re.search(r'\bdefault\b', help_text, re.IGNORECASE) \
+                or action.default in (None, '', argparse.SUPPRESS):
+            return help_text
+        return help_text + ' (default: %(default)s)'
+
+
 # On/off options come in pairs, --x and --no-x, so the command line can undo a config's `x: true`.
 ON_OFF = dict(action=argparse.BooleanOptionalAction, default=False)
 
@@ -225,7 +239,7 @@ def train_parser() -> argparse.ArgumentParser:
                     'torchrun (distributed_train.sh). Defaults follow the paper\'s PosMLP-T recipe except '
                     'that EMA and AMP are opt-in and there are no cooldown epochs; configs/posmlp_{t,s,b}.yaml '
                     'hold the full recipes.',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument('-c', '--config', default='', metavar='FILE',
                         help='YAML file of option defaults; command-line options override it')
 
@@ -344,9 +358,9 @@ def train_parser() -> argparse.ArgumentParser:
     group.add_argument('--model-ema-decay', type=float, default=0.99992, help='EMA decay per update')
     group.add_argument('--model-ema-warmup', **ON_OFF, help='ramp the EMA decay up over early updates')
     group.add_argument('--best-from-ema', action=argparse.BooleanOptionalAction, default=None,
-                       help="rank checkpoints and model_best by the EMA model's eval metric (the weights eval.sh "
-                            "evaluates by default); None: on exactly when --model-ema is, as in timm and the "
-                            "authors' code. --no-best-from-ema ranks by the live model")
+                       help="rank checkpoints and model_best by the EMA model's eval metric, the weights eval.sh "
+                            "evaluates (default: on exactly when --model-ema is, as in timm and the authors' code); "
+                            "--no-best-from-ema ranks by the live model")
 
     group = parser.add_argument_group('Precision')
     group.add_argument('--amp', **ON_OFF, help='native torch mixed precision')
