@@ -33,7 +33,9 @@ from timm.utils import ParseKwargs
 import models
 from models import CheckpointError
 from utils.amp import resolve_precision
-from utils.args import DefaultsHelpFormatter, OptionError, check_integer_minimums, check_number_ranges, resolve_data_root
+from utils.args import (
+    INTERPOLATIONS, DefaultsHelpFormatter, OptionError, check_integer_minimums, check_number_ranges, resolve_data_root,
+)
 from utils.data import (
     DataError, build_loader, class_to_idx, create_eval_transform, create_split_dataset, evaluation_folder,
     num_classes_of, resolve_input_config, unreadable_count,
@@ -46,8 +48,6 @@ _logger = logging.getLogger('validate')
 
 DATA_OPTIONS = ('input_size', 'img_size', 'in_chans', 'crop_pct', 'crop_mode', 'mean', 'std', 'interpolation')
 RESULT_FORMATS = ('.csv', '.json')
-# The resize filters timm's evaluation transform knows by name.
-INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
 CROP_MODES = ('center', 'squash', 'border')
 
 
@@ -201,6 +201,11 @@ def validate(args) -> dict:
         options.pop('img_size', None)
         options.pop('input_size', None)
     options.update(given)
+    channels = (options.get('input_size') or [options.get('in_chans') or model.pretrained_cfg['input_size'][0]])[0]
+    for name in ('mean', 'std'):
+        if len(options.get(name) or [0]) not in (1, channels):
+            raise OptionError(f'the normalisation {name} {tuple(options[name])} has {len(options[name])} values, but '
+                              f'the input has {channels} channels; give --{name} with 1 or {channels}.')
     data_config = resolve_input_config(options, model)
     dataset.transform = create_eval_transform(data_config)
     loader = build_loader(dataset, args.batch_size, False, runtime, args.workers)

@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import errno
 import logging
+import math
 import os
 import pickle
 import re
@@ -17,6 +18,7 @@ from typing import Any, Dict, Optional
 
 import timm
 import torch
+from timm.data.transforms import str_to_interp_mode
 from timm.layers import to_2tuple
 from timm.models._builder import pretrained_cfg_for_features
 from torch import nn
@@ -106,7 +108,10 @@ def atomic_file(path: str, mode: str = 'wb', **open_kwargs):
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, suffix=f'-{os.path.basename(path)}', dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, suffix=f'-{os.path.basename(path)}', dir=folder)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
@@ -205,13 +210,52 @@ def recorded_model_kwargs(kwargs: Any, source: str) -> Dict[str, Any]:
     return kept
 
 
+def _numbers(value: Any, count: Optional[int] = None, whole: bool = False, least: float = -math.inf) -> bool:
+    """Whether `value` is a non-empty list of `count` finite numbers (whole ones if asked), each >= `least`."""
+    kinds = (int,) if whole else (int, float)
+    return isinstance(value, (list, tuple)) and len(value) > 0 and count in (None, len(value)) and all(
+        isinstance(v, kinds) and not isinstance(v, bool) and math.isfinite(v) and v >= least for v in value)
+
+
+def _interpolation(value: Any) -> bool:
+    try:
+        str_to_interp_mode(value)
+    except (KeyError, TypeError):
+        return False
+    return True
+
+
+# The recorded training options evaluation takes its input from, and what each must be to be used.
+RECORDED_INPUT_OPTIONS = {
+    'input_size': lambda v: _numbers(v, 3, whole=True, least=1),
+    'img_size': lambda v: _numbers([v], whole=True, least=1) or _numbers(v, 2, whole=True, least=1),
+    'in_chans': lambda v: _numbers([v], whole=True, least=1),
+    'crop_pct': lambda v: _numbers([v], least=1e-6),
+    'crop_mode': lambda v: isinstance(v, str),
+    'interpolation': _interpolation,
+    'mean': _numbers,
+    'std': lambda v: _numbers(v, least=1e-12),
+}
+
+
+def recorded_args(args: Any, source: str) -> Dict[str, Any]:
+    """A checkpoint's recorded training options as a dict (the authors' argparse.Namespace too); input options
+    whose values no transform could use are dropped with a warning (`source` names the file)."""
+    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args) if isinstance(args, dict) else {}
+    unusable = [k for k, usable in RECORDED_INPUT_OPTIONS.items()
+                if args.get(k) is not None and args.get(k) != '' and not usable(args[k])]
+    if unusable:
+        _logger.warning(f'{source}: recorded input options ' + ', '.join(f'{k}={args[k]!r}' for k in unusable)
+                        + ' ignored: no transform can use them; the model\'s defaults (or the options given) apply.')
+    return {k: v for k, v in args.items() if k not in unusable}
+
+
 def read_checkpoint(path: str, use_ema: Optional[bool] = None) -> LoadedCheckpoint:
     """Read a checkpoint file and pick its EMA (default when present) or live weights."""
     checkpoint = load_checkpoint_file(path)
     state_dict, weights = select_state_dict(checkpoint, use_ema)
     model_name = checkpoint.get('model_name') if isinstance(checkpoint.get('model_name'), str) else None
-    args = checkpoint.get('args')
-    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+    args = recorded_args(checkpoint.get('args'), path)
     return LoadedCheckpoint(
         path=path,
         state_dict=checkpoint_filter_fn(state_dict),

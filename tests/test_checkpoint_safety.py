@@ -96,6 +96,20 @@ def test_a_bare_resume_drops_recorded_arguments_that_would_load_other_weights(tm
     assert 'pretrained' not in resumed['model_kwargs'] and resumed['args']['initial_checkpoint'] == ''
 
 
+@pytest.mark.parametrize('recorded', [dict(mean=0.5), dict(interpolation='wobbly'), dict(crop_pct='x'),
+                                      dict(input_size=[3, 'a', 32]), dict(std=[0.2, 0.0, 0.2]), dict(img_size=-1)])
+def test_recorded_input_options_no_transform_can_use_are_ignored(tmp_path, capsys, recorded):
+    checkpoint = tmp_path / 'crafted.pth.tar'
+    model = timm.create_model('posmlp_t', num_classes=3, **TINY_KWARGS)
+    models.save_checkpoint_file({'state_dict': model.state_dict(), 'model_name': 'posmlp_t',
+                                 'model_kwargs': dict(TINY_KWARGS, num_classes=3),
+                                 'args': {'input_size': [3, 32, 32], **recorded}}, str(checkpoint))
+    data = make_image_folder(tmp_path / 'data', per_class=1, splits=('val',))
+    assert validate.main([str(data), '--checkpoint', str(checkpoint), '-j', '0']) == 0
+    out = capsys.readouterr().out
+    assert f'{checkpoint}: recorded input options {next(iter(recorded))}=' in out and 'ignored' in out
+
+
 def test_recorded_model_arguments_keep_the_architecture_only(caplog):
     recorded = dict(
         embed_dims=[8, 16], gate='lrpe', global_pool='avg', mlp_ratio=2.5, generalized=False, drop_rate=None,
@@ -130,14 +144,14 @@ def test_a_feature_backbone_takes_the_checkpoints_weights_whatever_the_overlay_s
     assert len(backbone(torch.randn(1, 3, 32, 32))) == 4 and set(files_read) == {str(checkpoint)}
 
 
-@pytest.mark.parametrize('script', ['train', 'validate', 'benchmark'])
-def test_the_scripts_run_the_hub_client_offline(script):
+def test_the_scripts_run_the_hub_client_offline():
     env = {k: v for k, v in os.environ.items() if not k.endswith('_OFFLINE')}
-    probe = f'import {script}, huggingface_hub.constants as c; print(c.HF_HUB_OFFLINE)'
-    result = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == 'True'
+    for script in ('train', 'validate', 'benchmark', 'utils.visualize'):
+        probe = f'import {script}, huggingface_hub.constants as c; print(c.HF_HUB_OFFLINE)'
+        result = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == 'True', script
 
 
 def test_a_missing_checkpoint_is_named_on_every_route_the_readme_shows(tmp_path, capsys):

@@ -113,6 +113,39 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoints(tm
     assert models.load_checkpoint_file(str(run / 'last.pth.tar'))['epoch'] == 1
 
 
+def test_a_file_whose_temporary_cannot_be_made_is_named_itself(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def read_only_open(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, 'open', read_only_open)
+    with pytest.raises(OSError) as error:
+        models.save_checkpoint_file({}, str(tmp_path / 'last.pth.tar'))
+    assert error.value.errno == errno.EROFS and error.value.filename == str(tmp_path / 'last.pth.tar')
+
+
+def test_ctrl_c_during_a_save_is_one_line_and_leaves_the_checkpoints_whole(tmp_path, capsys, monkeypatch):
+    data = make_image_folder(tmp_path / 'data', per_class=2)
+    real_save, saves = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        saves.append(obj['epoch'])
+        if len(saves) == 4:  # epoch 1's first file, after epoch 0's checkpoint-0, model_best and last
+            f.write(b'PK\x03\x04' + bytes(1000))
+            raise KeyboardInterrupt
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, 'save', save)
+    assert train_in_process(data, tmp_path / 'out', 'run', '--epochs', '2') == 130
+    one_line_error(capsys, 'Stopped by Ctrl-C. The checkpoints written before are whole')
+    run = tmp_path / 'out' / 'run'
+    assert saves == [0, 0, 0, 1] and temporaries(run) == []
+    assert models.load_checkpoint_file(str(run / 'last.pth.tar'))['epoch'] == 0
+
+
 def test_a_log_line_that_cannot_be_written_stops_the_run_in_one_line(tmp_path, capsys, monkeypatch):
     data = make_image_folder(tmp_path / 'data', per_class=2)
     real_open = logging.FileHandler._open
@@ -200,7 +233,7 @@ def test_a_run_removes_the_temporary_files_of_writes_killed_in_its_folder_and_no
     run = out / 'run'
     killed_save(run / 'last.pth.tar')
     killed_save(run / 'superseded' / 'checkpoint-3.pth.tar')
-    killed_save(out / 'elsewhere.pth.tar')  # outside the run folder: not the run's to remove
+    (out / '.tmp-abcd1234-elsewhere.pth.tar').write_text('')  # outside the run folder: not the run's to remove
     (run / 'summary.csv.tmp').write_text('epoch\n')  # what earlier versions left
     keep = [run / '.tmp-notes.txt', run / 'notes.tmp', run / '.tmp-1234567.pth.tar']
     for path in keep:
@@ -220,7 +253,8 @@ def test_a_run_removes_the_temporary_files_of_writes_killed_in_its_folder_and_no
 def test_temporary_files_are_no_run_and_a_new_run_clears_them(tmp_path, capsys):
     data = make_image_folder(tmp_path / 'data', per_class=2)
     run = tmp_path / 'out' / 'run'
-    killed_save(run / 'last.pth.tar')
+    run.mkdir(parents=True)
+    (run / '.tmp-abcd1234-last.pth.tar').write_bytes(b'PK\x03\x04')  # what a killed save leaves
     assert train_in_process(data, tmp_path / 'out', 'run', '--epochs', '1') == 0
     assert temporaries(run) == [] and 'Removed 1 temporary file(s)' in capsys.readouterr().out
 
@@ -258,8 +292,12 @@ def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
     (['--drop', '1.5'], '--drop must be from 0 to 1, not 1.5.'),
     (['--smoothing', '1'], '--smoothing must be from 0 to below 1, not 1.'),
     (['--num-classes', '0'], '--num-classes must be 1 or more, not 0.'),
+    (['--interpolation', 'wobbly'], '--interpolation wobbly: not a resize filter; give one of nearest, bilinear'),
+    (['--train-interpolation', 'cubic'], '--train-interpolation cubic: not a resize filter; give one of nearest'),
+    (['--aa', 'autoaugment'], '--aa autoaugment: not an augmentation policy timm knows (Unknown AA policy'),
+    (['--mean', '0.5', '0.5'], '--mean takes 1 value or 3 (one per image channel), not 2.'),
 ])
-def test_bad_training_numbers_are_named_before_anything_runs(capsys, option, message):
+def test_bad_training_options_are_named_before_anything_runs(capsys, option, message):
     with pytest.raises(SystemExit):
         parse_train_args(['data', *option])
     one_line_error(capsys, message)
@@ -285,6 +323,12 @@ def tiny_checkpoint(tmp_path):
     models.save_checkpoint_file({'state_dict': model.state_dict(), 'model_name': 'posmlp_t',
                                  'model_kwargs': dict(TINY_KWARGS, num_classes=3)}, str(path))
     return path
+
+
+def test_a_mean_for_other_channels_is_named(tmp_path, capsys, tiny_checkpoint):
+    data = make_image_folder(tmp_path / 'data', per_class=1, splits=('val',))
+    assert validate.main([str(data), '--checkpoint', str(tiny_checkpoint), '-j', '0', '--mean', '0.5', '0.5']) == 1
+    one_line_error(capsys, 'the normalisation mean (0.5, 0.5) has 2 values, but the input has 3 channels')
 
 
 def test_a_results_file_that_cannot_be_written_comes_after_the_results(tmp_path, capsys, tiny_checkpoint):

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import timm
 import yaml
+from timm.data import create_transform
 from timm.optim import get_optimizer_info
 from timm.utils import ParseKwargs
 
@@ -274,8 +275,9 @@ def train_parser() -> argparse.ArgumentParser:
                             'count is re-initialised (fine-tuning)')
     group.add_argument('--resume', default='', metavar='PATH',
                        help="continue a run from its last.pth.tar: model, optimizer, scheduler, EMA, loss "
-                            "scaler and epoch; output goes to the checkpoint's folder unless --output/--experiment "
-                            "name another folder than the run was made with")
+                            "scaler and epoch, with the options the checkpoint records unless given here or in -c; "
+                            "output goes to the checkpoint's folder unless --output/--experiment name another "
+                            "folder than the run was made with")
     group.add_argument('--img-size', type=int, default=None, help='image size (model and data)')
     group.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
                        help='input size of the data, overriding --img-size')
@@ -476,6 +478,30 @@ def check_opt_betas(parser: argparse.ArgumentParser, args: argparse.Namespace):
                      f'give --opt-betas {info.num_betas} numbers.')
 
 
+# The resize filters timm's transforms know by name ('random' picks bilinear or bicubic per training image).
+INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
+
+
+def check_transform_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """Stop with the option named when timm's transforms would refuse it later with a bare KeyError or
+    AssertionError: a filter or augmentation policy it does not know, or a mean/std of the wrong length."""
+    for option, value, also in (('--interpolation', args.interpolation, ('',)),
+                                ('--train-interpolation', args.train_interpolation, ('random',))):
+        if value not in INTERPOLATIONS + also:
+            names = ', '.join(name for name in INTERPOLATIONS + also if name)
+            parser.error(f'{option} {value}: not a resize filter; give one of {names}.')
+    if args.aa:
+        try:
+            create_transform(8, is_training=True, auto_augment=args.aa)
+        except (AssertionError, ValueError, KeyError, IndexError) as e:
+            parser.error(f'--aa {args.aa}: not an augmentation policy timm knows ({e or type(e).__name__}); e.g. '
+                         f'rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original or v0, or \'\' for none.')
+    channels = args.input_size[0] if args.input_size else args.in_chans or 3
+    for option, values in (('--mean', args.mean), ('--std', args.std)):
+        if values is not None and len(values) not in (1, channels):
+            parser.error(f'{option} takes 1 value or {channels} (one per image channel), not {len(values)}.')
+
+
 def resolve_best_from_ema(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Dict[str, Any]):
     """Rank checkpoints by the EMA model whenever there is one, unless --no-best-from-ema (or the config's
     best_from_ema: false) says otherwise; --best-from-ema on the command line without EMA is an error."""
@@ -527,6 +553,7 @@ def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     warn_of_config_resume(parser, args, config)
     check_integer_minimums(parser, args)
     check_number_ranges(parser, args)
+    check_transform_options(parser, args)
     if len(args.experiment.encode()) > 255:
         parser.error(f'--experiment is {len(args.experiment.encode())} bytes long, but a folder name may have at most '
                      f'255; give a shorter one.')
