@@ -289,7 +289,14 @@ def train(args):
 
 def main(argv=None) -> int:
     args = parse_train_args(argv)
-    return run_script(train, args, (DataError, CheckpointError, NonFiniteLossError, OptionError, OutputError), _logger)
+    try:
+        return run_script(train, args, (DataError, CheckpointError, NonFiniteLossError, OptionError, OutputError),
+                          _logger)
+    except KeyboardInterrupt:
+        # Every file is written through a temporary one, so the checkpoints on disk are whole.
+        _logger.error('Stopped by Ctrl-C. The checkpoints written before are whole: continue the run with --resume '
+                      'RUN_FOLDER/last.pth.tar.')
+        return 130
 
 
 if __name__ == '__main__':
