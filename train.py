@@ -109,7 +109,8 @@ def train(args):
         with writing(output_dir):
             stale = remove_stale_temporaries(output_dir)
         if stale:
-            _logger.warning(f'Removed {len(stale)} temporary file(s) that an interrupted write left: {", ".join(stale)}')
+            _logger.warning(f'Removed {len(stale)} temporary file(s) that an interrupted write left: '
+                            + ', '.join(stale))
     if args.resume:
         _logger.info(f'Resuming {args.resume}: options given neither here nor in a config are the ones it records.')
     recipe = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', f'{args.model}.yaml')

@@ -874,8 +874,8 @@ def _create_posmlp(variant: str, pretrained: bool = False, **kwargs) -> PosMLP:
     weights_file = (kwargs.get('pretrained_cfg_overlay') or {}).get('file')
     if pretrained and weights_file and not os.path.isfile(weights_file):
         # timm only logs the path and raises an empty FileNotFoundError.
-        raise FileNotFoundError(errno.ENOENT, f'the checkpoint that pretrained_cfg_overlay names does not exist '
-                                              f'(or is not a file); check the path', weights_file)
+        raise FileNotFoundError(errno.ENOENT, 'the checkpoint that pretrained_cfg_overlay names does not exist '
+                                              '(or is not a file); check the path', weights_file)
     num_stages = len(kwargs.get('depths', (1, 1, 1, 1)))
     out_indices = kwargs.pop('out_indices', tuple(range(num_stages)))
     return build_model_with_cfg(

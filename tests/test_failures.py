@@ -336,7 +336,8 @@ def test_a_results_file_that_cannot_be_written_comes_after_the_results(tmp_path,
     in_the_way = tmp_path / 'file'
     in_the_way.write_text('')
     results = in_the_way / 'results.json'
-    assert validate.main([str(data), '--checkpoint', str(tiny_checkpoint), '-j', '0', '--results-file', str(results)]) == 1
+    argv = [str(data), '--checkpoint', str(tiny_checkpoint), '-j', '0', '--results-file', str(results)]
+    assert validate.main(argv) == 1
     out = capsys.readouterr().out
     assert '"top1"' in out and out.index('"top1"') < out.index('ERROR')
     error_line(out, f'cannot write {in_the_way}: File exists; a file is in the way of a folder: point --results-file',
@@ -348,7 +349,8 @@ def test_a_results_file_is_replaced_whole_or_not_at_all(tmp_path, capsys, monkey
     results = tmp_path / 'results.csv'
     results.write_text('the results of an earlier run\n')
     monkeypatch.setattr(os, 'fdopen', FillingDisk(whole_files=0, partial=10).fdopen)
-    assert validate.main([str(data), '--checkpoint', str(tiny_checkpoint), '-j', '0', '--results-file', str(results)]) == 1
+    argv = [str(data), '--checkpoint', str(tiny_checkpoint), '-j', '0', '--results-file', str(results)]
+    assert validate.main(argv) == 1
     one_line_error(capsys, f'cannot write {results}: No space left on device')
     assert results.read_text() == 'the results of an earlier run\n' and temporaries(tmp_path) == []
 
@@ -365,9 +367,9 @@ def test_a_bare_resume_continues_the_run_as_recorded(tmp_path, monkeypatch, caps
     assert train.main(['--resume', str(last), '--epochs', '3', '--smoothing', '0.2']) == 0
     resumed = torch.load(last, weights_only=True)
     assert resumed['epoch'] == 2 and resumed['model_name'] == 'posmlp_t'
-    assert resumed['model_kwargs'] == dict(num_classes=3, drop_rate=0.02333, drop_path_rate=0.1,
-                                           **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY_KWARGS.items()},
-                                           gate='lrpe')
+    architecture = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY_KWARGS.items()}
+    assert resumed['model_kwargs'] == dict(num_classes=3, drop_rate=0.02333, drop_path_rate=0.1, gate='lrpe',
+                                           **architecture)
     assert resumed['args']['lr'] == 0.01 and resumed['args']['batch_size'] == 4  # as recorded
     assert resumed['args']['smoothing'] == 0.2 and resumed['args']['epochs'] == 3  # as given
     assert resumed['args']['data_dir'] == str(data) and not (tmp_path / 'output').exists()

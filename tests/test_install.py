@@ -31,7 +31,8 @@ def test_pip_install_editable_makes_the_notebook_snippet_work_from_any_folder(tm
     python = venv / 'bin' / 'python'
     # Offline: the build backend and the dependencies are this interpreter's.
     install = subprocess.run([sys.executable, '-m', 'pip', '--python', str(python), 'install', '--no-build-isolation',
-                              '--no-deps', '--no-index', '-e', str(source)], capture_output=True, text=True, timeout=300)
+                              '--no-deps', '--no-index', '-e', str(source)],
+                             capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
 
     elsewhere = tmp_path / 'notebooks'
