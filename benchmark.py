@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+import utils.offline  # noqa: F401  (first: the hub client reads its switches when timm imports it)
 import torch
 from timm.optim import list_optimizers
 from timm.utils import ParseKwargs

@@ -14,6 +14,8 @@ import sys
 import time
 import warnings
 
+import utils.offline  # noqa: F401  (first: the hub client reads its switches when timm imports it)
+
 import timm
 import torch
 import torch.nn as nn
@@ -27,7 +29,9 @@ import models
 from models import CheckpointError
 from utils.amp import resolve_precision, use_tf32_and_cudnn_benchmark
 from utils.args import OptionError, parse_train_args, plain_args, write_args_yaml
-from utils.checkpointing import CheckpointKeeper, resume_point, resume_training, training_state
+from utils.checkpointing import (
+    CheckpointKeeper, remove_stale_temporaries, resume_point, resume_training, training_state,
+)
 from utils.data import (
     DataError, class_to_idx, create_training_datasets, resolve_input_config, resolve_num_classes, unreadable_count,
 )
@@ -36,8 +40,8 @@ from utils.distributed import barrier, from_primary, init_runtime, run_script
 from utils.engine import NonFiniteLossError, TrainSettings, evaluate, train_one_epoch, updates_per_epoch
 from utils.loaders import build_eval_loader, build_train_loader, loader_options, mixup_arguments, stop_mixing
 from utils.outputs import (
-    LOG_FILE, SUMMARY_FILE, WandbLogger, append_summary, args_yaml_path, claim_run_folder, format_metrics,
-    setup_logging, summary_row, supersede_summary_rows,
+    LOG_FILE, SUMMARY_FILE, OutputError, WandbLogger, append_summary, args_yaml_path, claim_run_folder,
+    format_metrics, setup_logging, summary_row, supersede_summary_rows, writing,
 )
 
 _logger = logging.getLogger('train')
@@ -114,15 +118,23 @@ def train(args):
             if args.resume:
                 resumed_epoch, resumed_args = resume_point(args.resume)
             output_dir = claim_run_folder(args, resumed_args)
-        except (CheckpointError, OptionError) as e:
+        except (CheckpointError, OptionError, OutputError) as e:
             problem = e
     output_dir, resumed_epoch, problem = from_primary((output_dir, resumed_epoch, problem), runtime)
     if problem:
         raise problem
     setup_logging(os.path.join(output_dir, LOG_FILE), runtime.is_primary)
     _logger.info(f'Training on {runtime.device}, {runtime.world_size} process(es); output in {output_dir}')
+    if runtime.is_primary:
+        with writing(output_dir):
+            stale = remove_stale_temporaries(output_dir)
+        if stale:
+            _logger.warning(f'Removed {len(stale)} temporary file(s) that an interrupted write left: '
+                            + ', '.join(stale))
+    if args.resume:
+        _logger.info(f'Resuming {args.resume}: options given neither here nor in a config are the ones it records.')
     recipe = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', f'{args.model}.yaml')
-    if not args.config and os.path.isfile(recipe):
+    if not args.config and not args.resume and os.path.isfile(recipe):
         _logger.info(f'No -c given: {recipe} holds the paper\'s full recipe for {args.model} (EMA, AMP, its lr '
                      f'and batch size); pass it with -c to use it.')
     random_seed(args.seed, runtime.rank)
@@ -233,11 +245,12 @@ def train(args):
 
     keeper, wandb_logger, summary_path = None, None, os.path.join(output_dir, SUMMARY_FILE)
     if runtime.is_primary:
-        write_args_yaml(args, args_yaml_path(output_dir, start_epoch))
         keeper = CheckpointKeeper(output_dir, args.checkpoint_hist, decreasing=args.eval_metric == 'loss')
-        if start_epoch > 0:
-            keeper.restore(start_epoch - 1)
-            supersede_summary_rows(summary_path, start_epoch)
+        with writing(output_dir):
+            write_args_yaml(args, args_yaml_path(output_dir, start_epoch))
+            if start_epoch > 0:
+                keeper.restore(start_epoch - 1)
+                supersede_summary_rows(summary_path, start_epoch)
         wandb_logger = WandbLogger(args.log_wandb, plain_args(args), output_dir)
     ranked_by = f'{"EMA" if args.best_from_ema else "eval"} {args.eval_metric}'
     global_batch = args.batch_size * runtime.world_size * args.grad_accum_steps
@@ -272,11 +285,12 @@ def train(args):
         if runtime.is_primary:
             # The row goes first: a run killed before its checkpoint redoes the epoch and trims the row.
             row = summary_row(epoch, train_metrics['lr'], train_metrics, eval_metrics, ema_metrics)
-            append_summary(summary_path, row)
+            state = training_state(epoch, args.model, model_kwargs, model, optimizer, scheduler,
+                                   precision.loss_scaler, model_ema, plain_args(args), metric, training_classes)
+            with writing(output_dir, resumable=output_dir):
+                append_summary(summary_path, row)
+                is_best = keeper.save(state)
             wandb_logger.log(row)
-            is_best = keeper.save(training_state(
-                epoch, args.model, model_kwargs, model, optimizer, scheduler, precision.loss_scaler, model_ema,
-                plain_args(args), metric, training_classes))
             bad = unreadable_count(train_set) + unreadable_count(val_set)
             _logger.info(
                 f'Epoch {epoch} done in {time.time() - epoch_start:.1f}s: train loss {train_metrics["loss"]:.4f} | '
@@ -293,7 +307,14 @@ def train(args):
 
 def main(argv=None) -> int:
     args = parse_train_args(argv)
-    return run_script(train, args, (DataError, CheckpointError, NonFiniteLossError, OptionError), _logger)
+    try:
+        return run_script(train, args, (DataError, CheckpointError, NonFiniteLossError, OptionError, OutputError),
+                          _logger)
+    except KeyboardInterrupt:
+        # Every file is written through a temporary one, so the checkpoints on disk are whole.
+        _logger.error('Stopped by Ctrl-C. The checkpoints written before are whole: continue the run with --resume '
+                      'RUN_FOLDER/last.pth.tar.')
+        return 130
 
 
 if __name__ == '__main__':

@@ -8,7 +8,8 @@ The checkpoint may be this project's (it names its model) or the authors' (the a
 off the weights), so --model is optional. EMA weights are used when the checkpoint has them. The
 input size, crop and normalisation are the ones the checkpoint was trained with when it records
 them, else the model's defaults; options given here override both. With N processes every image
-is evaluated exactly once, so the numbers equal those of one process.
+is evaluated exactly once: top-1 and top-5 equal those of one process, and the loss agrees to float32
+rounding (README, Evaluation).
 """
 import argparse
 import json
@@ -18,6 +19,8 @@ import sys
 import time
 from typing import Optional
 
+import utils.offline  # noqa: F401  (first: the hub client reads its switches when timm imports it)
+
 import torch
 from timm.data.readers.class_map import load_class_map
 from timm.utils import ParseKwargs
@@ -26,8 +29,8 @@ import models
 from models import CheckpointError
 from utils.amp import resolve_precision, use_tf32_and_cudnn_benchmark
 from utils.args import (
-    OptionError, add_loader_options, add_torchcompile_options, check_integer_minimums, check_torchcompile,
-    resolve_data_root,
+    INTERPOLATIONS, DefaultsHelpFormatter, OptionError, add_loader_options, add_torchcompile_options,
+    check_integer_minimums, check_number_ranges, check_torchcompile, resolve_data_root,
 )
 from utils.data import (
     DataError, class_folder_names, class_to_idx, create_split_dataset, evaluation_folder, num_classes_of,
@@ -37,21 +40,19 @@ from utils.distributed import device_problem, init_runtime, run_script
 from utils.engine import evaluate
 from utils.loaders import build_eval_loader, loader_options
 from utils.names import model_name_problem
-from utils.outputs import setup_logging
+from utils.outputs import OutputError, setup_logging, writing
 from utils.results import command_line, results_format, run_environment, write_results
 
 _logger = logging.getLogger('validate')
 
 DATA_OPTIONS = ('input_size', 'img_size', 'in_chans', 'crop_pct', 'crop_mode', 'mean', 'std', 'interpolation')
-# The resize filters timm's evaluation transform knows by name.
-INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
 CROP_MODES = ('center', 'squash', 'border')
 
 
 def validate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='validate.py', description=__doc__.split('\n\n')[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument('data', nargs='?', metavar='DIR',
                         help='validation split folder (one folder per class), or a root with val/ or validation/')
     parser.add_argument('--data-dir', default='', metavar='DIR', help='same as DIR')
@@ -68,7 +69,8 @@ def validate_parser() -> argparse.ArgumentParser:
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument('--use-ema', action='store_true', default=None,
                          help='require the EMA weights (default: EMA when the checkpoint has them)')
-    weights.add_argument('--no-ema', dest='use_ema', action='store_false', help='use the live (non-EMA) weights')
+    weights.add_argument('--no-ema', dest='use_ema', action='store_false', default=argparse.SUPPRESS,
+                         help='use the live (non-EMA) weights')
     parser.add_argument('--model', default=None, help='timm model name (default: the one the checkpoint describes)')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                         help='more model arguments, values as Python literals')
@@ -182,6 +184,11 @@ def validate(args) -> dict:
         options.pop('img_size', None)
         options.pop('input_size', None)
     options.update(given)
+    channels = (options.get('input_size') or [options.get('in_chans') or model.pretrained_cfg['input_size'][0]])[0]
+    for name in ('mean', 'std'):
+        if len(options.get(name) or [0]) not in (1, channels):
+            raise OptionError(f'the normalisation {name} {tuple(options[name])} has {len(options[name])} values, but '
+                              f'the input has {channels} channels; give --{name} with 1 or {channels}.')
     data_config = resolve_input_config(options, model)
     loader = build_eval_loader(dataset, data_config, args.batch_size, runtime, loader_options(args, runtime.device))
 
@@ -214,19 +221,20 @@ def validate(args) -> dict:
             f'input {data_config["input_size"]} crop {data_config["crop_pct"]} {data_config["interpolation"]}')
         print(json.dumps(results, indent=2))
         if args.results_file:
-            write_results(args.results_file, [results], run_environment(args.command, runtime.device))
+            try:
+                with writing(args.results_file, '--results-file'):
+                    write_results(args.results_file, [results], run_environment(args.command, runtime.device))
+            except OutputError as e:
+                raise OutputError(f'{e} The results are printed above.') from None
     return results
 
 
 def check_input_options(parser: argparse.ArgumentParser, args):
-    """Stop with the option named when the model, input size or device cannot be used (not a traceback later)."""
+    """Stop with the option named when the model or device cannot be used (not a traceback later); sizes are
+    checked with the other numbers (utils.args)."""
     problem = model_name_problem(args.model) if args.model else None
     if problem:
         parser.error(f'--model {args.model}: {problem} Or leave --model out to build the one the checkpoint describes.')
-    if args.img_size is not None and args.img_size < 1:
-        parser.error(f'--img-size must be 1 or more, not {args.img_size}.')
-    if args.input_size is not None and min(args.input_size) < 1:
-        parser.error(f'--input-size values must be 1 or more, not {" ".join(map(str, args.input_size))}.')
     if args.device and device_problem(args.device):
         parser.error(device_problem(args.device))
 
@@ -243,9 +251,10 @@ def main(argv=None) -> int:
     if not (args.data_dir or args.dataset):
         parser.error('give the data folder to evaluate on (DIR or --data-dir).')
     check_integer_minimums(parser, args)
+    check_number_ranges(parser, args)
     check_input_options(parser, args)
     check_torchcompile(parser, args)
-    return run_script(validate, args, (DataError, CheckpointError, OptionError), _logger)
+    return run_script(validate, args, (DataError, CheckpointError, OptionError, OutputError), _logger)
 
 
 if __name__ == '__main__':

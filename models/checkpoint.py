@@ -7,9 +7,11 @@ A `.safetensors` file holds one state dict, and the plain data beside it as JSON
 reads as `{'state_dict': weights, **that data}`.
 """
 import argparse
+import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -21,6 +23,7 @@ import safetensors
 import safetensors.torch
 import timm
 import torch
+from timm.data.transforms import str_to_interp_mode
 from timm.layers import to_2tuple
 from timm.models._builder import pretrained_cfg_for_features
 from torch import nn
@@ -42,8 +45,9 @@ SAFETENSORS_DATA_KEY = 'checkpoint'
 WEIGHTS_KEYS = ('state_dict_ema', 'model_ema', 'state_dict', 'model')
 
 __all__ = [
-    'CheckpointError', 'LoadedCheckpoint', 'create_model_from_checkpoint', 'infer_model_kwargs',
-    'load_checkpoint_file', 'load_weights', 'read_checkpoint', 'save_checkpoint_file', 'select_state_dict',
+    'CheckpointError', 'LoadedCheckpoint', 'atomic_file', 'create_model_from_checkpoint', 'infer_model_kwargs',
+    'load_checkpoint_file', 'load_weights', 'read_checkpoint', 'recorded_model_kwargs', 'save_checkpoint_file',
+    'select_state_dict',
 ]
 
 
@@ -136,30 +140,60 @@ def _safetensors_bytes(obj: dict) -> bytes:
     return safetensors.torch.save({k: v.contiguous() for k, v in state_dict.items()}, metadata=metadata)
 
 
-def save_checkpoint_file(obj: Any, path: str):
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a half file.
+# Temporary files are named `.tmp-XXXXXXXX-<name>` (X: tempfile's random characters) beside the file they become.
+TEMPORARY_PREFIX = '.tmp-'
 
-    A path ending `.safetensors` gets safetensors instead (see `_safetensors_bytes`).
-    The file gets the permissions the process's umask gives new files, as with torch.save(path).
+
+def _os_error_behind(error: BaseException) -> Optional[OSError]:
+    """The OSError that caused `error`: torch.save reports a failed write (a full disk) as a RuntimeError
+    raised while handling it."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = 'wb', **open_kwargs):
+    """A file object whose contents replace `path` only once they are whole: written to a temporary file in
+    the same folder, synced, then renamed over `path`. A failure leaves `path` as it was and removes the
+    temporary file, and re-raises the OSError behind it with `path` named; kill -9 can still leave the
+    temporary file, which utils.checkpointing removes from run folders.
+
+    The file gets the permissions the process's umask gives new files, as a plain open() would.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.pth.tar', dir=folder)
     try:
-        with os.fdopen(fd, 'wb') as f:
-            if path.endswith(SAFETENSORS_SUFFIX):
-                f.write(_safetensors_bytes(obj))
-            else:
-                torch.save(obj, f)
+        fd, tmp = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, suffix=f'-{os.path.basename(path)}', dir=folder)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
+    try:
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         # mkstemp creates the file private (0600); give it the mode a plain open() would, so others may read it.
         os.chmod(tmp, 0o666 & ~PROCESS_UMASK)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise
+        cause = _os_error_behind(e)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, path if cause.filename in (None, tmp) else cause.filename) from None
+
+
+def save_checkpoint_file(obj: Any, path: str):
+    """torch.save through `atomic_file`: a crash or a full disk never leaves a half-written `path`.
+
+    A path ending `.safetensors` gets safetensors instead (see `_safetensors_bytes`).
+    """
+    with atomic_file(path) as f:
+        if path.endswith(SAFETENSORS_SUFFIX):
+            f.write(_safetensors_bytes(obj))
+        else:
+            torch.save(obj, f)
 
 
 def select_state_dict(checkpoint: Any, use_ema: Optional[bool] = None) -> tuple:
@@ -194,19 +228,102 @@ class LoadedCheckpoint:
     class_to_idx: Optional[Dict[str, int]] = None  # class folder name -> label, as train.py stores it
 
 
+# Model arguments that say where weights come from or how the model is used, not what it is. A checkpoint is data:
+# its recorded arguments never pass these on (pretrained=True with a pretrained_cfg makes timm read another file
+# or reach the network), nor any value that names a file, URL or hub id.
+NON_ARCHITECTURE_RECORDS = (
+    'pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'pretrained_strict', 'checkpoint_path', 'cache_dir',
+    'features_only', 'out_indices', 'feature_cls', 'feature_cfg',
+)
+# A path (a separator, ~, a scheme or hub prefix such as hf-hub:) or a weights file's extension.
+LOCATION = re.compile(r'[/\\:~]|\.(pth|pt|bin|tar|safetensors|ckpt|npz|h5|pkl|onnx)$', re.IGNORECASE)
+
+
+def _names_location(value: Any) -> bool:
+    """Whether `value` (plain data, possibly nested) holds something other than names and numbers: a string
+    that looks like a file, URL or hub id, or a tensor."""
+    if isinstance(value, str):
+        return bool(LOCATION.search(value))
+    if isinstance(value, (list, tuple)):
+        return any(map(_names_location, value))
+    if isinstance(value, dict):
+        return any(_names_location(k) or _names_location(v) for k, v in value.items())
+    return not (value is None or isinstance(value, (bool, int, float)))
+
+
+def recorded_model_kwargs(kwargs: Any, source: str) -> Dict[str, Any]:
+    """The architecture arguments among a checkpoint's recorded model arguments (`source` names the file).
+
+    The others (NON_ARCHITECTURE_RECORDS, and any value naming a file, URL or hub id) are dropped with a
+    warning: building the recorded model must never load other weights or fetch anything."""
+    if not isinstance(kwargs, dict):
+        if kwargs is not None:
+            _logger.warning(f'{source}: its recorded model arguments are not a mapping ({type(kwargs).__name__}); '
+                            f'they are ignored.')
+        return {}
+    kept = {k: v for k, v in kwargs.items()
+            if isinstance(k, str) and k not in NON_ARCHITECTURE_RECORDS and not _names_location(v)}
+    dropped = [str(k) for k in kwargs if k not in kept]
+    if dropped:
+        _logger.warning(
+            f'{source}: recorded model arguments {", ".join(dropped)} ignored: a checkpoint only describes its '
+            f'architecture, and these would load weights from elsewhere, fetch something, or change how the model '
+            f'is used. Pass them yourself if you mean them.')
+    return kept
+
+
+def _numbers(value: Any, count: Optional[int] = None, whole: bool = False, least: float = -math.inf) -> bool:
+    """Whether `value` is a non-empty list of `count` finite numbers (whole ones if asked), each >= `least`."""
+    kinds = (int,) if whole else (int, float)
+    return isinstance(value, (list, tuple)) and len(value) > 0 and count in (None, len(value)) and all(
+        isinstance(v, kinds) and not isinstance(v, bool) and math.isfinite(v) and v >= least for v in value)
+
+
+def _interpolation(value: Any) -> bool:
+    try:
+        str_to_interp_mode(value)
+    except (KeyError, TypeError):
+        return False
+    return True
+
+
+# The recorded training options evaluation takes its input from, and what each must be to be used.
+RECORDED_INPUT_OPTIONS = {
+    'input_size': lambda v: _numbers(v, 3, whole=True, least=1),
+    'img_size': lambda v: _numbers([v], whole=True, least=1) or _numbers(v, 2, whole=True, least=1),
+    'in_chans': lambda v: _numbers([v], whole=True, least=1),
+    'crop_pct': lambda v: _numbers([v], least=1e-6),
+    'crop_mode': lambda v: isinstance(v, str),
+    'interpolation': _interpolation,
+    'mean': _numbers,
+    'std': lambda v: _numbers(v, least=1e-12),
+}
+
+
+def recorded_args(args: Any, source: str) -> Dict[str, Any]:
+    """A checkpoint's recorded training options as a dict (the authors' argparse.Namespace too); input options
+    whose values no transform could use are dropped with a warning (`source` names the file)."""
+    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args) if isinstance(args, dict) else {}
+    unusable = [k for k, usable in RECORDED_INPUT_OPTIONS.items()
+                if args.get(k) is not None and args.get(k) != '' and not usable(args[k])]
+    if unusable:
+        _logger.warning(f'{source}: recorded input options ' + ', '.join(f'{k}={args[k]!r}' for k in unusable)
+                        + ' ignored: no transform can use them; the model\'s defaults (or the options given) apply.')
+    return {k: v for k, v in args.items() if k not in unusable}
+
+
 def read_checkpoint(path: str, use_ema: Optional[bool] = None) -> LoadedCheckpoint:
     """Read a checkpoint file and pick its EMA (default when present) or live weights."""
     checkpoint = load_checkpoint_file(path)
     state_dict, weights = select_state_dict(checkpoint, use_ema)
     model_name = checkpoint.get('model_name') if isinstance(checkpoint.get('model_name'), str) else None
-    args = checkpoint.get('args')
-    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    args = recorded_args(checkpoint.get('args'), path)
     return LoadedCheckpoint(
         path=path,
         state_dict=checkpoint_filter_fn(state_dict),
         weights=weights,
         model_name=model_name,
-        model_kwargs=dict(checkpoint.get('model_kwargs') or {}),
+        model_kwargs=recorded_model_kwargs(checkpoint.get('model_kwargs'), path),
         epoch=checkpoint.get('epoch'),
         metric=checkpoint.get('metric'),
         args=args,
@@ -358,6 +475,11 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: 
         model.load_state_dict(state_dict)
 
 
+# Arguments that make timm load weights of its own, which create_model_from_checkpoint refuses: its weights
+# come from the checkpoint.
+WEIGHT_SOURCE_ARGS = ('pretrained', 'pretrained_cfg', 'checkpoint_path', 'cache_dir')
+# pretrained_cfg entries that tell timm where weights are; the feature backbone's weights are given as state_dict.
+WEIGHT_LOCATIONS = ('source', 'file', 'url', 'hf_hub_id', 'hf_hub_filename', 'state_dict')
 # Arguments of a feature backbone (features_only=True): timm takes them when it wraps the loaded model.
 FEATURE_ARGS = ('out_indices', 'feature_cls', 'feature_cfg')
 # Arguments that never make weights unfit, left out of a hint naming the ones that did
@@ -400,6 +522,12 @@ def create_model_from_checkpoint(
         finetune: allow a different `num_classes` (in kwargs): the head is then re-initialised.
         kwargs: more model arguments (e.g. num_classes, drop_path_rate, gate_impl), over the recorded ones.
     """
+    other_weights = sorted(k for k in WEIGHT_SOURCE_ARGS if kwargs.get(k))
+    if other_weights:
+        raise CheckpointError(
+            f'{", ".join(other_weights)} would load other weights (from a file, a URL or the Hugging Face Hub) '
+            f'into the model the checkpoint\'s weights go into; leave {"them" if len(other_weights) > 1 else "it"} '
+            f'out (validate.py: of --model-kwargs).')
     if not isinstance(checkpoint, LoadedCheckpoint):
         checkpoint = read_checkpoint(checkpoint, use_ema)
     try:
@@ -440,7 +568,8 @@ def create_model_from_checkpoint(
         # As timm's pretrained path does: weights go into the model, which is then wrapped (and pruned) for
         # features. timm loads them as for 0 classes, so the model is built, and its weights given, headless.
         body = {k: v for k, v in model.state_dict().items() if not k.startswith(_classifier_prefixes(model))}
-        overlay = dict(model_kwargs['pretrained_cfg_overlay'], state_dict=body, num_classes=0)
+        overlay = {k: v for k, v in model_kwargs['pretrained_cfg_overlay'].items() if k not in WEIGHT_LOCATIONS}
+        overlay.update(state_dict=body, num_classes=0)
         cfg = model.pretrained_cfg
         model = timm.create_model(model_name, pretrained=True, features_only=True, **feature_kwargs,
                                   **dict(model_kwargs, num_classes=0, pretrained_cfg_overlay=overlay))

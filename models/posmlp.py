@@ -12,7 +12,9 @@ gMLP's SGU is kept as the ablation baseline (`gate='sgu'`).
 Layout: the stem and downsampling work on (B, C, H, W); each stage partitions its map into
 w x w windows, (B, nW, N, C) with N = w * w, and its blocks work there.
 """
+import errno
 import math
+import os
 import re
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -869,6 +871,11 @@ def checkpoint_filter_fn(state_dict: dict, model: Optional[nn.Module] = None) ->
 
 
 def _create_posmlp(variant: str, pretrained: bool = False, **kwargs) -> PosMLP:
+    weights_file = (kwargs.get('pretrained_cfg_overlay') or {}).get('file')
+    if pretrained and weights_file and not os.path.isfile(weights_file):
+        # timm only logs the path and raises an empty FileNotFoundError.
+        raise FileNotFoundError(errno.ENOENT, 'the checkpoint that pretrained_cfg_overlay names does not exist '
+                                              '(or is not a file); check the path', weights_file)
     num_stages = len(kwargs.get('depths', (1, 1, 1, 1)))
     out_indices = kwargs.pop('out_indices', tuple(range(num_stages)))
     return build_model_with_cfg(

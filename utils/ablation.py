@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import utils.offline  # noqa: F401  (first: the hub client reads its switches when timm imports it)
+
 import yaml
 
 from utils.data import DataError

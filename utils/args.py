@@ -7,15 +7,21 @@ is itself a valid config. A config's `data` (the positional root) is read as `da
 none; its `resume` is not read (only a --resume on the command line continues a run), with a warning.
 """
 import argparse
+import math
 import os
+import re
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
+from timm.data import create_transform
 from timm.optim import get_optimizer_info
 from timm.utils import ParseKwargs
 
 import models  # noqa: F401  (registers the PosMLP models with timm)
+from models import CheckpointError
+from models.checkpoint import WEIGHT_SOURCE_ARGS, atomic_file, recorded_model_kwargs
+from .checkpointing import read_resumable
 from .names import model_name_problem
 
 
@@ -46,7 +52,7 @@ def plain_args(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def write_args_yaml(args: argparse.Namespace, path: str):
-    with open(path, 'w') as f:
+    with atomic_file(path, 'w', encoding='utf-8') as f:
         yaml.safe_dump(plain_args(args), f, sort_keys=False)
 
 
@@ -107,17 +113,58 @@ def _convert(parser, path: str, key: str, action: argparse.Action, value: Any) -
     return converted if many else converted[0]
 
 
-def config_defaults(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
-    """The defaults a YAML config file sets, checked against the parser's options."""
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping that gives a key twice."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping giving a key twice, which safe_load silently resolves to the last
+    value. Keys merged in with `<<` may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            if key_node.tag == 'tag:yaml.org,2002:merge' or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            if key in lines:
+                raise DuplicateKeyError(f'key {key!r} is given twice, on lines {lines[key]} and {line}')
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def read_config(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
+    """The option: value mapping of a YAML config file; parser.error names the file and the problem when it is
+    missing, unreadable, not UTF-8, not YAML, gives a key twice, or sets nothing."""
     if not os.path.isfile(path):
         parser.error(f'config file {path} does not exist; check the path (the configs are in configs/).')
-    with open(path) as f:
-        try:
-            config = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            parser.error(f'config {path} is not valid YAML: {e}')
+    try:
+        with open(path, 'rb') as f:
+            raw = f.read()
+    except OSError as e:
+        parser.error(f'config {path} cannot be read: {e.strerror}; check its permissions.')
+    try:
+        text = raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b'\n') + 1
+        parser.error(f'config {path} is not UTF-8 text (byte {raw[e.start]:#04x} on line {line}); save it as UTF-8.')
+    try:
+        config = yaml.load(text, Loader=UniqueKeyLoader)
+    except DuplicateKeyError as e:
+        parser.error(f'config {path}: {e}; keep one of them.')
+    except yaml.YAMLError as e:
+        parser.error(f'config {path} is not valid YAML: {e}')
+    if config is None or config == {}:
+        parser.error(f'config {path} is empty: it sets no options. Write option: value lines into it '
+                     f'(see configs/), or leave out -c.')
     if not isinstance(config, dict):
         parser.error(f'config {path} must be a mapping of option: value, not a {type(config).__name__}.')
+    return config
+
+
+def config_defaults(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
+    """The defaults a YAML config file sets, checked against the parser's options."""
+    config = read_config(parser, path)
     actions = {a.dest: a for a in parser._actions if a.dest != argparse.SUPPRESS}
     defaults = {}
     for key, value in config.items():
@@ -169,6 +216,19 @@ def warn_of_config_resume(parser: argparse.ArgumentParser, args: argparse.Namesp
               f'on the command line.', file=sys.stderr)
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help that states each option's default once, and truly: "(default: X)" is added unless the help already
+    speaks of its default, and left out where there is no value to state (None, '', and SUPPRESS, which the
+    second switch of a pair such as --use-ema/--no-ema has, since the first one holds the default)."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ''
+        if not action.option_strings or re.search(r'\bdefault\b', help_text, re.IGNORECASE) \
+                or action.default in (None, '', argparse.SUPPRESS):
+            return help_text
+        return help_text + ' (default: %(default)s)'
+
+
 # On/off options come in pairs, --x and --no-x, so the command line can undo a config's `x: true`.
 ON_OFF = dict(action=argparse.BooleanOptionalAction, default=False)
 
@@ -201,7 +261,7 @@ def train_parser() -> argparse.ArgumentParser:
                     'torchrun (distributed_train.sh). Defaults follow the paper\'s PosMLP-T recipe except '
                     'that EMA and AMP are opt-in and there are no cooldown epochs; configs/posmlp_{t,s,b}.yaml '
                     'hold the full recipes.',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument('-c', '--config', default='', metavar='FILE',
                         help='YAML file of option defaults; command-line options override it')
 
@@ -236,8 +296,9 @@ def train_parser() -> argparse.ArgumentParser:
                             'count is re-initialised (fine-tuning)')
     group.add_argument('--resume', default='', metavar='PATH',
                        help="continue a run from its last.pth.tar: model, optimizer, scheduler, EMA, loss "
-                            "scaler and epoch; output goes to the checkpoint's folder unless --output/--experiment "
-                            "name another folder than the run was made with")
+                            "scaler and epoch, with the options the checkpoint records unless given here or in -c; "
+                            "output goes to the checkpoint's folder unless --output/--experiment name another "
+                            "folder than the run was made with")
     group.add_argument('--img-size', type=int, default=None, help='image size (model and data)')
     group.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
                        help='input size of the data, overriding --img-size')
@@ -326,9 +387,9 @@ def train_parser() -> argparse.ArgumentParser:
     group.add_argument('--model-ema-decay', type=float, default=0.99992, help='EMA decay per update')
     group.add_argument('--model-ema-warmup', **ON_OFF, help='ramp the EMA decay up over early updates')
     group.add_argument('--best-from-ema', action=argparse.BooleanOptionalAction, default=None,
-                       help="rank checkpoints and model_best by the EMA model's eval metric (the weights eval.sh "
-                            "evaluates by default); None: on exactly when --model-ema is, as in timm and the "
-                            "authors' code. --no-best-from-ema ranks by the live model")
+                       help="rank checkpoints and model_best by the EMA model's eval metric, the weights eval.sh "
+                            "evaluates (default: on exactly when --model-ema is, as in timm and the authors' code); "
+                            "--no-best-from-ema ranks by the live model")
 
     group = parser.add_argument_group('Precision')
     group.add_argument('--amp', **ON_OFF, help='native torch mixed precision')
@@ -400,6 +461,7 @@ INTEGER_MINIMUMS = {
     'epochs': (1, ''), 'warmup_epochs': (0, ''), 'cooldown_epochs': (0, ''), 'log_interval': (1, ''),
     'checkpoint_hist': (0, '; 0 keeps no epoch checkpoints'), 'max_steps_per_epoch': (0, '; 0 runs whole epochs'),
     'max_bad_images': (0, '; 0 stops at the first unreadable image'),
+    'img_size': (1, ''), 'input_size': (1, ''), 'in_chans': (1, ''), 'num_classes': (1, ''),
 }
 
 
@@ -408,8 +470,49 @@ def check_integer_minimums(parser: argparse.ArgumentParser, args: argparse.Names
     for action in parser._actions:
         least, meaning = INTEGER_MINIMUMS.get(action.dest, (None, ''))
         value = getattr(args, action.dest, None)
-        if least is not None and value is not None and value < least:
-            parser.error(f'{"/".join(action.option_strings)} must be {least} or more, not {value}{meaning}.')
+        values = value if isinstance(value, list) else [value]
+        if least is not None and value is not None and min(values) < least:
+            noun, shown = (' values', ' '.join(map(str, values))) if isinstance(value, list) else ('', value)
+            parser.error(f'{"/".join(action.option_strings)}{noun} must be {least} or more, not {shown}{meaning}.')
+
+
+def _probability(value: float) -> bool:
+    return 0 <= value <= 1
+
+
+# Number options of train.py and validate.py and the values they take: (what they must be, the test); other
+# values fail later with a message about something else (--lr -1 as an --opt error), or not at all.
+NUMBER_RULES = {
+    'lr': ('0 or more', lambda v: v >= 0), 'warmup_lr': ('0 or more', lambda v: v >= 0),
+    'min_lr': ('0 or more', lambda v: v >= 0), 'weight_decay': ('0 or more', lambda v: v >= 0),
+    'opt_eps': ('0 or more', lambda v: v >= 0), 'momentum': ('from 0 to 1', _probability),
+    'layer_decay': ('more than 0', lambda v: v > 0), 'decay_rate': ('more than 0', lambda v: v > 0),
+    'decay_epochs': ('more than 0', lambda v: v > 0),
+    'drop': ('from 0 to 1', _probability), 'drop_path': ('from 0 to 1', _probability),
+    'smoothing': ('from 0 to below 1', lambda v: 0 <= v < 1), 'model_ema_decay': ('from 0 to 1', _probability),
+    'hflip': ('from 0 to 1', _probability), 'vflip': ('from 0 to 1', _probability),
+    'reprob': ('from 0 to 1', _probability), 'mixup_prob': ('from 0 to 1', _probability),
+    'mixup_switch_prob': ('from 0 to 1', _probability), 'mixup': ('0 or more', lambda v: v >= 0),
+    'cutmix': ('0 or more', lambda v: v >= 0), 'cutmix_minmax': ('from 0 to 1', _probability),
+    'color_jitter': ('0 or more', lambda v: v >= 0), 'scale': ('more than 0', lambda v: v > 0),
+    'ratio': ('more than 0', lambda v: v > 0), 'crop_pct': ('more than 0', lambda v: v > 0),
+    'std': ('more than 0', lambda v: v > 0),
+}
+
+
+def check_number_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """Stop with the option named when a NUMBER_RULES option of `parser` is out of its range, or not finite."""
+    for action in parser._actions:
+        rule = NUMBER_RULES.get(action.dest)
+        value = getattr(args, action.dest, None)
+        if rule is None or value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if not all(math.isfinite(v) and rule[1](v) for v in values):
+            shown = ' '.join(f'{v:g}' for v in values)
+            finite = '' if all(map(math.isfinite, values)) else 'a finite number, '
+            noun = ' values' if isinstance(value, list) else ''
+            parser.error(f'{"/".join(action.option_strings)}{noun} must be {finite}{rule[0]}, not {shown}.')
 
 
 def check_opt_betas(parser: argparse.ArgumentParser, args: argparse.Namespace):
@@ -429,6 +532,30 @@ def check_opt_betas(parser: argparse.ArgumentParser, args: argparse.Namespace):
                      f'give --opt-betas {info.num_betas} numbers.')
 
 
+# The resize filters timm's transforms know by name ('random' picks bilinear or bicubic per training image).
+INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
+
+
+def check_transform_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """Stop with the option named when timm's transforms would refuse it later with a bare KeyError or
+    AssertionError: a filter or augmentation policy it does not know, or a mean/std of the wrong length."""
+    for option, value, also in (('--interpolation', args.interpolation, ('',)),
+                                ('--train-interpolation', args.train_interpolation, ('random',))):
+        if value not in INTERPOLATIONS + also:
+            names = ', '.join(name for name in INTERPOLATIONS + also if name)
+            parser.error(f'{option} {value}: not a resize filter; give one of {names}.')
+    if args.aa:
+        try:
+            create_transform(8, is_training=True, auto_augment=args.aa)
+        except (AssertionError, ValueError, KeyError, IndexError) as e:
+            parser.error(f'--aa {args.aa}: not an augmentation policy timm knows ({e or type(e).__name__}); e.g. '
+                         f'rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original or v0, or \'\' for none.')
+    channels = args.input_size[0] if args.input_size else args.in_chans or 3
+    for option, values in (('--mean', args.mean), ('--std', args.std)):
+        if values is not None and len(values) not in (1, channels):
+            parser.error(f'{option} takes 1 value or {channels} (one per image channel), not {len(values)}.')
+
+
 def resolve_best_from_ema(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Dict[str, Any]):
     """Rank checkpoints by the EMA model whenever there is one, unless --no-best-from-ema (or the config's
     best_from_ema: false) says otherwise; --best-from-ema on the command line without EMA is an error."""
@@ -438,12 +565,56 @@ def resolve_best_from_ema(parser: argparse.ArgumentParser, args: argparse.Namesp
         parser.error('--best-from-ema ranks checkpoints by the EMA model, so it needs --model-ema.')
 
 
+# Options of the run a bare --resume continues that it does not take over from the checkpoint: the command line's
+# own (resume, config; the data root only when none is given, see parse_train_args), this machine's (device,
+# local_rank), and those that would read another file or reach the network (initial_checkpoint: the weights
+# come from the checkpoint; log_wandb: on request only). best_from_ema is weighed as a config's is.
+RESUME_HELD_BACK_KEYS = ('config', 'resume', 'data', 'data_dir', 'device', 'local_rank', 'initial_checkpoint',
+                         'log_wandb', 'best_from_ema')
+
+
+def recorded_options(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> Dict[str, Any]:
+    """The options recorded in the checkpoint that --resume names, if any: a resumed run continues with them
+    unless a config or the command line gives others. A checkpoint that cannot be resumed gives none here; the
+    run reports why before it makes its folder."""
+    finder = argparse.ArgumentParser(add_help=False)
+    finder.add_argument('--resume', default='')
+    path = finder.parse_known_args(argv)[0].resume
+    try:
+        recorded = read_resumable(path, mmap=True)['args'] if path else {}
+    except (CheckpointError, OSError):
+        return {}
+    actions = {a.dest: a for a in parser._actions if a.dest != argparse.SUPPRESS}
+    unknown = sorted(str(key) for key in recorded if key not in actions)
+    if unknown:
+        print(f'{parser.prog}: warning: {path} records options this {parser.prog} does not have, which are ignored: '
+              f'{", ".join(unknown)}.', file=sys.stderr)
+    options = {key: _convert(parser, f'{path} (its recorded options)', key, actions[key], value)
+               for key, value in recorded.items() if key in actions}
+    if isinstance(options.get('model_kwargs'), dict):
+        options['model_kwargs'] = recorded_model_kwargs(options['model_kwargs'], path)
+    return options
+
+
 def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = train_parser()
+    recorded = recorded_options(parser, argv)
+    parser.set_defaults(**{k: v for k, v in recorded.items() if k not in RESUME_HELD_BACK_KEYS})
     args, config = parse_with_config(parser, argv, CONFIG_HELD_BACK_KEYS)
-    args.data_dir = resolve_data_root(parser, args, config)
+    args.data_dir = resolve_data_root(parser, args, config) or recorded.get('data_dir') or recorded.get('data') or ''
+    if recorded.get('model_ema') and recorded.get('best_from_ema') is False:
+        config.setdefault('best_from_ema', False)  # the resumed run ranked an EMA run by its live model
     warn_of_config_resume(parser, args, config)
     check_integer_minimums(parser, args)
+    check_number_ranges(parser, args)
+    check_transform_options(parser, args)
+    if len(args.experiment.encode()) > 255:
+        parser.error(f'--experiment is {len(args.experiment.encode())} bytes long, but a folder name may have at most '
+                     f'255; give a shorter one.')
+    fetching = sorted(k for k in WEIGHT_SOURCE_ARGS if args.model_kwargs.get(k))
+    if fetching:
+        parser.error(f'--model-kwargs {", ".join(fetching)}: nothing is downloaded or read besides the options\' '
+                     f'files; to start from other weights, pass their file as --initial-checkpoint FILE.')
     # A negative threshold flips the gradients' sign instead of bounding them (`not >=` also catches nan).
     if args.clip_grad is not None and not args.clip_grad >= 0:
         parser.error(f'--clip-grad must be 0 or more, not {args.clip_grad:g}; 0 turns clipping off.')

@@ -17,6 +17,7 @@ from timm.utils import get_state_dict, unwrap_model
 
 import models
 from models import CheckpointError
+from models.checkpoint import TEMPORARY_PREFIX
 
 from .amp import scaler_kind, scaler_state_kind
 
@@ -27,6 +28,9 @@ LAST = 'last.pth.tar'
 BEST = 'model_best.pth.tar'
 SUPERSEDED = 'superseded'
 HISTORY_PATTERN = re.compile(r'checkpoint-(\d+)\.pth\.tar')
+# What an interrupted write (kill -9, power loss) leaves in a run folder: models.atomic_file's temporary files,
+# `.tmp-XXXXXXXX-<name>`, and those of earlier versions (`.tmp-XXXXXXXX.pth.tar`, `summary.csv.tmp`).
+STALE_TEMPORARY = re.compile(re.escape(TEMPORARY_PREFIX) + r'[a-z0-9_]{8}(-.+|\.pth\.tar)|summary(-\d+)?\.csv\.tmp')
 # Keys training_state always writes (the authors' checkpoints have `arch` and an argparse `args` instead).
 TRAINING_KEYS = frozenset({'epoch', 'model_name', 'model_kwargs', 'state_dict', 'optimizer', 'scheduler', 'args'})
 
@@ -65,6 +69,22 @@ def newest_checkpoint(folder: str) -> Optional[str]:
         return os.path.join(folder, LAST)
     epochs = [int(match.group(1)) for match in map(HISTORY_PATTERN.fullmatch, os.listdir(folder)) if match]
     return os.path.join(folder, f'checkpoint-{max(epochs)}.pth.tar') if epochs else None
+
+
+def remove_stale_temporaries(output_dir: str) -> List[str]:
+    """Remove the temporary files that interrupted writes left in the run folder `output_dir` and its
+    superseded/ (nothing else, and nothing outside them); returns their paths. Only the process that owns
+    the folder may call this: a temporary file of a write under way would be removed too."""
+    removed = []
+    for folder in (output_dir, os.path.join(output_dir, SUPERSEDED)):
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if STALE_TEMPORARY.fullmatch(name) and os.path.isfile(path) and not os.path.islink(path):
+                os.remove(path)
+                removed.append(path)
+    return removed
 
 
 def free_path(folder: str, name: str) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from models.checkpoint import PROCESS_UMASK
 from .data import DataError
 
 _logger = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ def prepare_digits(root, size: int = 32, val_fraction: float = 0.2, seed: int = 
                 pixels = (digits.images[i] * (255. / 16.)).round().astype(np.uint8)
                 image = Image.fromarray(pixels).resize((size, size), Image.BICUBIC).convert('RGB')
                 image.save(folder / f'{i:04d}.png')
+        # mkdtemp makes the folder private (0700); give it the mode mkdir gives the folders inside it.
+        os.chmod(staging, 0o777 & ~PROCESS_UMASK)
         if root.exists():
             root.rmdir()
         os.replace(staging, root)

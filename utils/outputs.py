@@ -1,6 +1,8 @@
 """A training run's folder and what rank 0 writes into it besides checkpoints: the log and summary.csv."""
+import contextlib
 import csv
 import datetime
+import errno
 import fnmatch
 import io
 import itertools
@@ -11,6 +13,7 @@ from typing import List, Optional, Tuple
 
 from timm.utils import FormatterNoInfo
 
+from models.checkpoint import atomic_file
 from .args import OptionError
 from .checkpointing import free_path, newest_checkpoint, superseded_path
 
@@ -22,6 +25,48 @@ SUMMARY_FILE = 'summary.csv'
 METRIC_NAMES = ('loss', 'top1', 'top5')
 # What a run leaves in its folder that another run would overwrite or mix with its own.
 RUN_FILE_PATTERNS = ('last.pth.tar', SUMMARY_FILE, 'checkpoint-*.pth.tar')
+
+
+class OutputError(RuntimeError):
+    """A file of the run (or validate.py's results file) that cannot be written; the message names it, why, and
+    what to do."""
+
+
+# What to do about a file that cannot be written, by the error's errno; {option} names where the file goes.
+OUTPUT_FIXES = {
+    errno.ENOSPC: 'free space on that disk, or point {option} at another',
+    errno.EDQUOT: 'your disk quota is used up: free space, or point {option} at another disk',
+    errno.EROFS: 'that file system is read-only: point {option} at a writable disk',
+    errno.EACCES: 'you may not write there: point {option} at a folder you can write to',
+    errno.EPERM: 'you may not write there: point {option} at a folder you can write to',
+    errno.ENAMETOOLONG: 'a file or folder name may have at most 255 bytes (a whole path 4096): shorten {option}',
+    errno.ENOTDIR: 'a file is in the way of a folder: point {option} elsewhere',
+    errno.EEXIST: 'a file is in the way of a folder: point {option} elsewhere',
+    errno.EISDIR: 'a folder is in the way of the file: point {option} elsewhere',
+}
+
+
+def output_error(error: OSError, path: str, option: str = '--output', resumable: Optional[str] = None) -> OutputError:
+    """One line for a file-system `error` on `path` (the error's own file when it names one) and its fix, which
+    names the `option` that chose the path; `resumable` is a run folder whose newest checkpoint is offered to
+    continue the run from."""
+    path = error.filename or path
+    fix = OUTPUT_FIXES.get(error.errno, 'check that path and its disk').format(option=option)
+    message = f'cannot write {path}: {error.strerror or error}; {fix}.'
+    checkpoint = newest_checkpoint(resumable) if resumable and os.path.isdir(resumable) else None
+    if checkpoint:
+        message += (f' The files written before are intact: once this is fixed, continue the run with '
+                    f'--resume {checkpoint}.')
+    return OutputError(message)
+
+
+@contextlib.contextmanager
+def writing(path: str, option: str = '--output', resumable: Optional[str] = None):
+    """Turn an OSError into an OutputError that names the file and the fix (see output_error)."""
+    try:
+        yield
+    except OSError as e:
+        raise output_error(e, path, option, resumable) from None
 
 
 def run_folder(args, resumed_args: Optional[dict] = None) -> str:
@@ -44,20 +89,21 @@ def claim_run_folder(args, resumed_args: Optional[dict] = None) -> str:
     A generated name goes down to the second, so runs started together may make the same one: each creates
     its folder exclusively, and a name taken by another gets -1, -2, ... (like timm's get_outdir(inc=True))."""
     folder = run_folder(args, resumed_args)
-    if args.experiment or args.resume:
-        conflict = run_folder_conflict(folder, args.resume)
-        if conflict:
-            raise OptionError(conflict)
-        os.makedirs(folder, exist_ok=True)
-        return folder
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
-    for copy in itertools.count():
-        candidate = f'{folder}-{copy}' if copy else folder
-        try:
-            os.mkdir(candidate)
-            return candidate
-        except FileExistsError:
-            continue
+    with writing(folder):
+        if args.experiment or args.resume:
+            conflict = run_folder_conflict(folder, args.resume)
+            if conflict:
+                raise OptionError(conflict)
+            os.makedirs(folder, exist_ok=True)
+            return folder
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        for copy in itertools.count():
+            candidate = f'{folder}-{copy}' if copy else folder
+            try:
+                os.mkdir(candidate)
+                return candidate
+            except FileExistsError:
+                continue
 
 
 def args_yaml_path(folder: str, start_epoch: int) -> str:
@@ -98,13 +144,28 @@ def run_folder_conflict(folder: str, resume: str) -> Optional[str]:
             f'--experiment whose folder is new.')
 
 
+class RunLogHandler(logging.FileHandler):
+    """train.log. A line that cannot be written (a full disk) stops the run with an OutputError, once: the
+    handler takes itself out of logging first, so the error still reaches the console."""
+
+    def handleError(self, record):
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            return super().handleError(record)
+        logging.getLogger().removeHandler(self)
+        with contextlib.suppress(OSError):
+            self.close()
+        raise output_error(error, self.baseFilename, resumable=os.path.dirname(self.baseFilename))
+
+
 def setup_logging(log_path: Optional[str], primary: bool):
     """Rank 0 logs INFO to stdout and to `log_path`; the other ranks only warnings and errors."""
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(FormatterNoInfo())
     handlers = [console]
     if primary and log_path:
-        log_file = logging.FileHandler(log_path)
+        with writing(log_path):
+            log_file = RunLogHandler(log_path)
         log_file.setFormatter(logging.Formatter('%(asctime)s %(name)s [%(levelname)s] %(message)s'))
         handlers.append(log_file)
     logging.basicConfig(level=logging.INFO if primary else logging.WARNING, handlers=handlers, force=True)
@@ -121,13 +182,9 @@ def summary_row(epoch: int, lr: float, train: dict, evaluation: dict, ema: Optio
 
 
 def write_atomically(path: str, text: str):
-    """Write `text` to a temporary file, then rename it over `path`: a crash leaves the old file or the new one."""
-    partial = path + '.tmp'
-    with open(partial, 'w', newline='') as f:
+    """Write `text` through models.atomic_file: a crash or a full disk leaves the old file or the new one."""
+    with atomic_file(path, 'w', newline='', encoding='utf-8') as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
 
 
 def _read_text(path: str) -> str:
@@ -155,8 +212,15 @@ def append_summary(path: str, row: dict):
     atomically, with the union of the columns; the cells a row has no value for stay empty."""
     columns, rows = _parse_summary(_read_text(path))
     if columns and set(row) <= set(columns):
-        with open(path, 'a', newline='') as f:
-            csv.DictWriter(f, fieldnames=columns, restval='').writerow(row)
+        size = os.path.getsize(path)
+        try:
+            with open(path, 'a', newline='') as f:
+                csv.DictWriter(f, fieldnames=columns, restval='').writerow(row)
+        except OSError:
+            # A full disk may take part of the row: cut it off, so the file holds whole rows only.
+            with contextlib.suppress(OSError):
+                os.truncate(path, size)
+            raise
         return
     columns += [name for name in row if name not in columns]
     write_atomically(path, _summary_text(columns, rows + [row]))

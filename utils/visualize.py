@@ -23,6 +23,8 @@ import sys
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
+import utils.offline  # noqa: F401  (first: the hub client reads its switches when timm imports it)
+
 import torch
 
 import models
