@@ -20,8 +20,11 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 
+import utils.offline  # noqa: F401  (first: the hub client reads its switches when timm imports it)
+
 import models
 from models import CheckpointError
+from utils.args import DefaultsHelpFormatter, add_weights_choice
 from utils.distributed import run_script
 from utils.outputs import setup_logging
 from utils.weights_files import loading_hint, output_suffix, split_suffix, weights_content, write_weights_file
@@ -34,17 +37,13 @@ DEFAULT_OUTPUT = 'averaged'
 def avg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='avg_checkpoints.py', description=__doc__.split('\n\n')[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument('--input', default='', metavar='DIR', help='folder holding the checkpoints')
     parser.add_argument('--filter', default='*.pth.tar', metavar='WILDCARD',
                         help="checkpoints to consider, a wildcard under --input ('**' goes into subfolders)")
     parser.add_argument('--output', default='', metavar='PATH',
                         help=f'output file (default: ./{DEFAULT_OUTPUT}.pth, or .safetensors with --safetensors)')
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument('--use-ema', action='store_true', default=None,
-                         help='require the EMA weights (default: EMA when every checkpoint has them)')
-    weights.add_argument('--no-use-ema', '--no-ema', dest='use_ema', action='store_false',
-                         help='average the live (non-EMA) weights')
+    add_weights_choice(parser, 'average', 'every checkpoint has')
     parser.add_argument('--no-sort', action='store_true',
                         help='average every match, ranked or not (-n does not apply)')
     parser.add_argument('-n', type=int, default=10, metavar='N', help='number of best checkpoints to average')

@@ -14,8 +14,11 @@ import logging
 import os
 import sys
 
+import utils.offline  # noqa: F401  (first: the hub client reads its switches when timm imports it)
+
 import models
 from models import CheckpointError
+from utils.args import DefaultsHelpFormatter, add_weights_choice
 from utils.distributed import run_script
 from utils.outputs import setup_logging
 from utils.weights_files import loading_hint, output_suffix, split_suffix, weights_content, write_weights_file
@@ -26,17 +29,13 @@ _logger = logging.getLogger('clean_checkpoint')
 def clean_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='clean_checkpoint.py', description=__doc__.split('\n\n')[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument('--checkpoint', required=True, metavar='PATH',
                         help="a checkpoint of this project's train.py, the authors' release or timm's train.py")
     parser.add_argument('--output', default='', metavar='PATH',
                         help='output file, or a folder for the checkpoint\'s name; the hash goes before its ending '
                              '(default: the checkpoint\'s name, in the current folder)')
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument('--use-ema', action='store_true', default=None,
-                         help='require the EMA weights (default: EMA when the checkpoint has them)')
-    weights.add_argument('--no-use-ema', '--no-ema', dest='use_ema', action='store_false',
-                         help='use the live (non-EMA) weights')
+    add_weights_choice(parser)
     parser.add_argument('--no-hash', action='store_true', help='leave the SHA-256 out of the file name')
     parser.add_argument('--clean-aux-bn', action='store_true',
                         help="drop the auxiliary BatchNorm weights of timm's --split-bn training (keys holding "

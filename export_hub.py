@@ -20,12 +20,15 @@ import sys
 import tempfile
 from typing import List, Optional
 
+import utils.offline  # noqa: F401  (first: the hub client reads its switches when timm imports it)
+
 import yaml
 from timm.models import get_pretrained_cfg, save_for_hf
 
 import models
 from models import CheckpointError, LoadedCheckpoint
 from models.checkpoint import PROCESS_UMASK
+from utils.args import DefaultsHelpFormatter, add_weights_choice
 from utils.distributed import run_script
 from utils.outputs import ARGS_FILE, SUMMARY_FILE, setup_logging
 
@@ -44,15 +47,11 @@ SOURCE_ENTRIES = ('tag', 'hf_hub_id', 'url', 'origin_url')
 def export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='export_hub.py', description=__doc__.split('\n\n')[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument('--checkpoint', required=True, metavar='PATH',
                         help="a checkpoint of this project's train.py (or a cleaned or averaged one, or the authors')")
     parser.add_argument('--output', required=True, metavar='DIR', help='the folder to create (it must not exist)')
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument('--use-ema', action='store_true', default=None,
-                         help='require the EMA weights (default: EMA when the checkpoint has them)')
-    weights.add_argument('--no-use-ema', '--no-ema', dest='use_ema', action='store_false',
-                         help='export the live (non-EMA) weights')
+    add_weights_choice(parser, 'export')
     return parser
 
 

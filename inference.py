@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Callable, List, Optional
 
+import utils.offline  # noqa: F401  (first: the hub client reads its switches when timm imports it)
+
 import numpy as np
 import torch
 from timm.data import CustomDatasetInfo, DatasetInfoLabelMapper, ImageNetInfo, infer_imagenet_subset
@@ -29,7 +31,7 @@ from timm.utils import ParseKwargs, reparameterize_model
 import models
 from models import CheckpointError
 from utils.amp import resolve_precision
-from utils.args import OptionError, add_loader_options
+from utils.args import DefaultsHelpFormatter, OptionError, add_loader_options, add_weights_choice
 from utils.data import DataError, resolve_input_config, unreadable_count
 from utils.distributed import device_problem, init_runtime, run_script
 from utils.image_list import image_list_dataset
@@ -47,18 +49,14 @@ DATA_OPTIONS = ('input_size', 'img_size', 'crop_pct', 'crop_mode', 'mean', 'std'
 def inference_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='inference.py', description=__doc__.split('\n\n')[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument('data', nargs='?', metavar='PATH',
                         help='a folder of images (searched recursively), a file list (.txt, one image path a line) '
                              'or an image')
     parser.add_argument('--data-dir', default='', metavar='PATH', help='same as PATH')
     parser.add_argument('--checkpoint', required=True, metavar='PATH',
                         help="a checkpoint of this project's train.py, a cleaned or averaged one, or the authors'")
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument('--use-ema', action='store_true', default=None,
-                         help='require the EMA weights (default: EMA when the checkpoint has them)')
-    weights.add_argument('--no-use-ema', '--no-ema', dest='use_ema', action='store_false',
-                         help='use the live (non-EMA) weights')
+    add_weights_choice(parser)
     parser.add_argument('--model', default=None, help='timm model name (default: the one the checkpoint describes)')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                         help='more model arguments, values as Python literals')

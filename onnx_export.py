@@ -14,6 +14,8 @@ the TorchScript exporter, several times faster to export on a CPU. PosMLP is exp
 onnx and onnxruntime are needed here only: pip install onnx onnxruntime onnxscript.
 """
 import argparse
+import utils.offline  # noqa: F401  (first: the hub client reads its switches when timm imports it)
+
 import difflib
 import inspect
 import logging
@@ -28,7 +30,7 @@ from timm.utils import ParseKwargs, reparameterize_model
 
 import models
 from models import CheckpointError
-from utils.args import OptionError
+from utils.args import DefaultsHelpFormatter, OptionError, add_weights_choice
 from utils.data import resolve_input_config
 from utils.distributed import run_script
 from utils.outputs import setup_logging
@@ -45,15 +47,11 @@ EXPORTER_LOGGERS = ('onnxscript', 'onnx_ir')
 def export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='onnx_export.py', description=__doc__.split('\n\n')[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument('output', metavar='ONNX_FILE', help='the .onnx file to write (it must not exist)')
     parser.add_argument('--checkpoint', default='', metavar='PATH',
                         help="a checkpoint of this project's train.py, a cleaned or averaged one, or the authors'")
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument('--use-ema', action='store_true', default=None,
-                         help='require the EMA weights (default: EMA when the checkpoint has them)')
-    weights.add_argument('--no-use-ema', '--no-ema', dest='use_ema', action='store_false',
-                         help='export the live (non-EMA) weights')
+    add_weights_choice(parser, 'export')
     parser.add_argument('--model', '-m', default=None,
                         help='timm model name (default: the one the checkpoint describes; without a checkpoint, '
                              'the model is exported with random weights)')

@@ -30,7 +30,7 @@ from models import CheckpointError
 from utils.amp import resolve_precision, use_tf32_and_cudnn_benchmark
 from utils.args import (
     INTERPOLATIONS, DefaultsHelpFormatter, OptionError, add_loader_options, add_torchcompile_options,
-    check_integer_minimums, check_number_ranges, check_torchcompile, resolve_data_root,
+    add_weights_choice, check_integer_minimums, check_number_ranges, check_torchcompile, resolve_data_root,
 )
 from utils.data import (
     DataError, class_folder_names, class_to_idx, create_split_dataset, evaluation_folder, num_classes_of,
@@ -66,11 +66,7 @@ def validate_parser() -> argparse.ArgumentParser:
                         help="label of each class folder: timm's class map, a .txt file with one class name a line "
                              "in label order (or a .pkl dict name -> label); default: the map the checkpoint "
                              "stores (this project's train.py stores one)")
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument('--use-ema', action='store_true', default=None,
-                         help='require the EMA weights (default: EMA when the checkpoint has them)')
-    weights.add_argument('--no-ema', dest='use_ema', action='store_false', default=argparse.SUPPRESS,
-                         help='use the live (non-EMA) weights')
+    add_weights_choice(parser)
     parser.add_argument('--model', default=None, help='timm model name (default: the one the checkpoint describes)')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                         help='more model arguments, values as Python literals')

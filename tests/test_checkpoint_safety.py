@@ -146,7 +146,8 @@ def test_a_feature_backbone_takes_the_checkpoints_weights_whatever_the_overlay_s
 
 def test_the_scripts_run_the_hub_client_offline():
     env = {k: v for k, v in os.environ.items() if not k.endswith('_OFFLINE')}
-    for script in ('train', 'validate', 'benchmark', 'utils.visualize'):
+    for script in ('train', 'validate', 'benchmark', 'inference', 'clean_checkpoint', 'avg_checkpoints',
+                   'export_hub', 'onnx_export', 'utils.visualize'):
         probe = f'import {script}, huggingface_hub.constants as c; print(c.HF_HUB_OFFLINE)'
         result = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, env=env, capture_output=True, text=True,
                                 timeout=120)

@@ -379,11 +379,20 @@ def test_a_bare_resume_continues_the_run_as_recorded(tmp_path, monkeypatch, caps
 
 
 def parsers():
-    validate_parser = validate.validate_parser()
-    return {'train.py': (train_parser(), []), 'validate.py': (validate_parser, ['--checkpoint', 'x'])}
+    import avg_checkpoints, clean_checkpoint, export_hub, inference, onnx_export
+    checkpoint = ['--checkpoint', 'x']
+    return {
+        'train.py': (train_parser(), []), 'validate.py': (validate.validate_parser(), checkpoint),
+        'inference.py': (inference.inference_parser(), checkpoint),
+        'clean_checkpoint.py': (clean_checkpoint.clean_parser(), checkpoint),
+        'avg_checkpoints.py': (avg_checkpoints.avg_parser(), []),
+        'export_hub.py': (export_hub.export_parser(), checkpoint + ['--output', 'y']),
+        'onnx_export.py': (onnx_export.export_parser(), ['y.onnx']),
+    }
 
 
-@pytest.mark.parametrize('script', ['train.py', 'validate.py'])
+@pytest.mark.parametrize('script', ['train.py', 'validate.py', 'inference.py', 'clean_checkpoint.py',
+                                    'avg_checkpoints.py', 'export_hub.py', 'onnx_export.py'])
 def test_help_states_each_default_once_and_truly(script):
     parser, required = parsers()[script]
     defaults = vars(parser.parse_args(required))

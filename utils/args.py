@@ -241,6 +241,16 @@ def default_workers() -> int:
     return max(1, cpus // processes - 1)
 
 
+def add_weights_choice(parser: argparse.ArgumentParser, what: str = 'use', every: str = 'the checkpoint has'):
+    """--use-ema / --no-use-ema (--no-ema): which weights of a checkpoint the script takes; `use_ema` is None
+    (EMA when present), True (EMA required) or False (live), as `models.read_checkpoint` takes it."""
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument('--use-ema', action='store_true', default=None,
+                         help=f'require the EMA weights (default: EMA when {every} them)')
+    weights.add_argument('--no-use-ema', '--no-ema', dest='use_ema', action='store_false', default=argparse.SUPPRESS,
+                         help=f'{what} the live (non-EMA) weights')
+
+
 def add_loader_options(group, per: str):
     """-j, --pin-mem and --prefetcher, shared by train.py and validate.py (see utils/loaders.py)."""
     group.add_argument('-j', '--workers', type=int, default=default_workers(),
@@ -431,7 +441,7 @@ def add_torchcompile_options(parser):
     parser.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
                         help='torch.compile the model (backend: inductor unless given)')
     parser.add_argument('--torchcompile-mode', default=None, metavar='MODE',
-                        help="inductor's compile mode: default, reduce-overhead, max-autotune, ... (default: torch's)")
+                        help="inductor's compile mode, e.g. reduce-overhead or max-autotune (default: torch's)")
 
 
 def check_torchcompile(parser: argparse.ArgumentParser, args: argparse.Namespace):
