@@ -127,7 +127,10 @@ def test_a_failing_transform_names_the_image_and_the_op_and_is_not_an_unreadable
 
 def test_a_policy_timm_does_not_know_is_named_in_one_line(tmp_path, capsys, in_process_run):
     data = make_image_folder(tmp_path / 'data', per_class=2)
-    assert train.main([str(data), *TINY_MODEL_ARGS, '--aa', 'rand-q3', '--epochs', '1', '-j', '0',
-                       '--output', str(tmp_path / 'out')]) == 1
-    out = capsys.readouterr().out
-    assert "check --aa 'rand-q3'" in out and 'Traceback' not in out
+    with pytest.raises(SystemExit) as stopped:
+        train.main([str(data), *TINY_MODEL_ARGS, '--aa', 'rand-q3', '--epochs', '1', '-j', '0',
+                    '--output', str(tmp_path / 'out')])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert 'error: --aa rand-q3: not an augmentation policy timm knows' in err and 'Traceback' not in err
+    assert not (tmp_path / 'out').exists()

@@ -308,16 +308,12 @@ def create_train_transform(args, data_config: dict, prefetcher: bool = False):
     on the device (see utils/loaders.py).
     """
     use_exact_posterize()
-    try:
-        return create_transform(
-            data_config['input_size'], is_training=True, no_aug=args.no_aug, scale=args.scale, ratio=args.ratio,
-            hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-            interpolation=args.train_interpolation, mean=data_config['mean'], std=data_config['std'],
-            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, use_prefetcher=prefetcher)
-    except (AssertionError, KeyError, ValueError) as e:  # timm asserts on the policy strings it cannot parse
-        raise OptionError(f'cannot build the training transform ({type(e).__name__}: {e}); check --aa {args.aa!r} '
-                          f"(timm's policies: rand-m9-mstd0.5-inc1, original, v0, 3a, augmix-m5-w3, ...), "
-                          f'--remode and --train-interpolation.') from None
+    # The options were checked when they were read (utils.args.check_transform_options).
+    return create_transform(
+        data_config['input_size'], is_training=True, no_aug=args.no_aug, scale=args.scale, ratio=args.ratio,
+        hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
+        interpolation=args.train_interpolation, mean=data_config['mean'], std=data_config['std'],
+        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, use_prefetcher=prefetcher)
 
 
 def create_eval_transform(data_config: dict, prefetcher: bool = False):
