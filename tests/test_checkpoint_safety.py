@@ -1,6 +1,7 @@
 """Checkpoints are data: what one records never makes the scripts load other weights, read other files or
 reach the network; the scripts run timm and the hub client offline; a missing checkpoint is named on
 every route the README shows."""
+import ast
 import logging
 import os
 import subprocess
@@ -144,15 +145,31 @@ def test_a_feature_backbone_takes_the_checkpoints_weights_whatever_the_overlay_s
     assert len(backbone(torch.randn(1, 3, 32, 32))) == 4 and set(files_read) == {str(checkpoint)}
 
 
-def test_the_scripts_run_the_hub_client_offline():
+SCRIPTS = ('train', 'validate', 'benchmark', 'inference', 'clean_checkpoint', 'avg_checkpoints', 'export_hub',
+           'onnx_export', 'utils.ablation', 'utils.visualize')
+
+
+def test_the_hub_client_runs_offline_once_a_script_is_imported():
     env = {k: v for k, v in os.environ.items() if not k.endswith('_OFFLINE')}
-    for script in ('train', 'validate', 'benchmark', 'inference', 'clean_checkpoint', 'avg_checkpoints',
-                   'export_hub', 'onnx_export', 'utils.visualize'):
-        probe = f'import {script}, huggingface_hub.constants as c; print(c.HF_HUB_OFFLINE)'
-        result = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, env=env, capture_output=True, text=True,
-                                timeout=120)
-        assert result.returncode == 0, result.stderr
-        assert result.stdout.strip() == 'True', script
+    probe = 'import train, huggingface_hub.constants as c; print(c.HF_HUB_OFFLINE)'
+    result = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == 'True'
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_every_script_goes_offline_before_it_imports_anything_that_may_reach_the_hub(script):
+    tree = ast.parse((ROOT / (script.replace('.', '/') + '.py')).read_text())
+    imported = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            imported += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            imported.append(node.module)
+    stdlib = set(sys.stdlib_module_names)
+    first = next(name for name in imported if name.split('.')[0] not in stdlib)
+    assert first == 'utils.offline', f'{script} imports {first} before utils.offline'
 
 
 def test_a_missing_checkpoint_is_named_on_every_route_the_readme_shows(tmp_path, capsys):
