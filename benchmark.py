@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 import timm
 from timm.data import resolve_model_data_config
-from timm.utils import ParseKwargs
+from timm.utils import ParseKwargs, reparameterize_model
 from torch.utils.flop_counter import FlopCounterMode
 
 import models  # noqa: F401  (registers PosMLP with timm)
@@ -113,6 +113,7 @@ class RunConfig:
     steps: int
     threads: Optional[int]
     imports: Tuple[str, ...] = ()
+    reparam: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,8 +263,6 @@ def count_gmacs(model: torch.nn.Module, input_shape: Tuple[int, ...], device: to
     x = torch.randn(1, *input_shape, device=device).contiguous(memory_format=memory_format)
     was_training = model.training
     model.eval()
-    # The counter follows modules through global forward hooks, so PosMLP's blocks run module by
-    # module while counted: the same multiply-accumulates as their fast form, in ops it knows.
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(x)
@@ -293,6 +292,8 @@ class ModelBench:
         except TypeError as error:
             raise BenchmarkError(f'{describe_error(error)} (check the keyword names in --model-kwargs and in '
                                  f'the entry against the model\'s constructor)') from error
+        if config.reparam and task.mode == 'infer':
+            model = reparameterize_model(model.eval())
         self.params_m = sum(p.numel() for p in model.parameters()) / 1e6
         self.input_size = input_size = benchmark_input_size(model, kwargs, config.img_size)
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
@@ -677,6 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
                         help='torch.compile every model, with BACKEND (default when given: inductor); '
                              'compiling happens in the first steps, so give enough --warmup')
+    parser.add_argument('--reparam', action='store_true',
+                        help='time inference of each model in its fused form (timm\'s reparameterize_model)')
     parser.add_argument('--opt', choices=('sgd', 'adamw'), default='sgd',
                         help='training optimizer (default: sgd with momentum 0.9)')
     parser.add_argument('--lr', type=float, default=1e-4, help='training learning rate (default: 1e-4)')
@@ -754,7 +757,7 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, Li
         device=str(device), batch_size=args.batch_size, img_size=args.img_size,
         model_kwargs=tuple(args.model_kwargs.items()), amp_dtype=amp_dtype, channels_last=args.channels_last,
         torchcompile=args.torchcompile, opt=args.opt, lr=args.lr, warmup=args.warmup, steps=args.steps,
-        threads=args.threads, imports=tuple(args.imports),
+        threads=args.threads, imports=tuple(args.imports), reparam=args.reparam,
     )
     return args, specs, config
 
