@@ -40,6 +40,8 @@ __all__ = [
 LN_EPS = 1e-6
 GATES = ('gqpe', 'lrpe', 'sgu')
 GATE_IMPLS = ('fast', 'reference')
+# GQPE weights below this are set to 0 (see GQPE.forward).
+MAP_FLOOR = 1e-30
 
 
 def window_partition(x: torch.Tensor, win: int) -> torch.Tensor:
@@ -166,7 +168,11 @@ class GQPE(nn.Module):
             scores = scores.unflatten(1, self.rel_features.shape[1:])
             if invalid_tokens is not None:
                 scores = scores.masked_fill(invalid_tokens[:, None, None, :], float('-inf'))
-            return scores.softmax(-1)
+            maps = scores.softmax(-1)
+            # Far from its centre the Gaussian falls below 1e-30 and on to subnormal numbers, whose
+            # products x86 CPUs compute many times slower (logs/benchmark_cpu_2026-11-30.md); such
+            # weights change no float32 sum, so they are set to 0.
+            return maps.masked_fill(maps < MAP_FLOOR, 0.)
 
 
 class LRPE(nn.Module):

@@ -9,7 +9,7 @@ import torch
 
 import models
 from models import CheckpointError
-from models.posmlp import GQPE, LRPE, ConvStem, relative_offsets
+from models.posmlp import GQPE, LRPE, MAP_FLOOR, ConvStem, relative_offsets
 from conftest import TINY_KWARGS, reference_path
 
 FIXTURES = ('gqpe_tiny', 'lrpe_tiny')
@@ -118,6 +118,17 @@ def test_rebuilt_position_buffers_equal_the_authors():
     assert torch.equal(lrpe.rel_index, raw['levels.0.encoder.0.gate_unit.pos.window_relative_position_index'])
     dx, dy = relative_offsets(3)
     assert dx[0, 1] == 1 and dy[0, 3] == -1  # token 1 is right of token 0; token 3 is below it
+
+
+def test_gqpe_weights_below_the_floor_are_zero_not_subnormal():
+    """Far from its centre a 14x14 window's Gaussian underflows; what is left below 1e-30 is dropped."""
+    gqpe = GQPE(14, 8)
+    with torch.no_grad():
+        maps = gqpe()
+        exact = (gqpe.feature_weights() @ gqpe.rel_features.flatten(1)).unflatten(1, (196, 196)).softmax(-1)
+    assert (exact[exact > 0] < 1e-30).any()  # the case exists at init
+    assert not ((maps > 0) & (maps < MAP_FLOOR)).any()
+    torch.testing.assert_close(maps, exact, atol=1e-29, rtol=0)
 
 
 def test_features_only_returns_the_four_level_maps():
