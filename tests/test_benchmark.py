@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from conftest import ROOT, TINY_KWARGS
+from conftest import ROOT, TINY_KWARGS, restored_process_state
 
 import benchmark
 
@@ -104,6 +104,15 @@ def test_gmacs_match_a_count_by_hand(gate_impl):
     model = timm.create_model('posmlp_t', gate_impl=gate_impl, **kwargs)
     gmacs = benchmark.count_gmacs(model, (3, 64, 64), torch.device('cpu'), torch.contiguous_format)
     assert round(gmacs * 1e9) == analytic_macs(kwargs)
+
+
+def test_reparam_times_the_fused_model_for_inference_only():
+    _, specs, config = benchmark.parse_args(['--model', 'posmlp_t', '--reparam', *QUICK_ARGS, *TINY_ARGS])
+    with restored_process_state():
+        infer, train = (benchmark.ModelBench(benchmark.Task(specs[0], mode), config) for mode in ('infer', 'train'))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in infer.run_model.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in train.run_model.modules())
+    assert infer.gmacs < train.gmacs  # the fused model's maps are stored, not made
 
 
 def test_input_size_follows_the_entry_model_arguments():
