@@ -229,7 +229,10 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: 
     The body is checked before the head, so a model of another architecture is named as such (`hint`
     says how to build the right one) rather than as another class count.
     """
-    state_dict = checkpoint_filter_fn(state_dict, model)
+    try:
+        state_dict = checkpoint_filter_fn(state_dict, model)
+    except ValueError as e:  # window-sized weights that cannot be resampled to the model's windows
+        raise CheckpointError(f'{source} does not fit this model: {e}') from None
     own = model.state_dict()
     head = _classifier_prefixes(model)
     if not any(k.startswith(head) for k in own):

@@ -13,11 +13,12 @@ Layout: the stem and downsampling work on (B, C, H, W); each stage partitions it
 w x w windows, (B, nW, N, C) with N = w * w, and its blocks work there.
 """
 import copy
+import logging
 import math
 import re
 from collections import OrderedDict
 from functools import partial
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,9 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, get_act_layer, get_norm_layer, trunc_normal_
+from timm.layers import (
+    DropPath, get_act_layer, get_norm_layer, resample_abs_pos_embed, resize_rel_pos_bias_table, trunc_normal_,
+)
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import reparameterize_model
@@ -34,8 +37,10 @@ from .posmlp_fast import channel_major_mlp
 
 __all__ = [
     'PosMLP', 'PoSGU', 'SGU', 'GQPE', 'LRPE', 'VARIANT_EMBED_DIMS', 'checkpoint_filter_fn', 'level_sizes',
-    'valid_img_sizes',
+    'resample_to_windows', 'valid_img_sizes',
 ]
+
+_logger = logging.getLogger(__name__)
 
 LN_EPS = 1e-6
 GATES = ('gqpe', 'lrpe', 'sgu')
@@ -682,7 +687,8 @@ _AUTHOR_DERIVED_BUFFERS = ('gate_unit.pos.rel_indices', 'gate_unit.pos.window_re
 
 
 def checkpoint_filter_fn(state_dict: dict, model: Optional[nn.Module] = None) -> dict:
-    """Adapt a checkpoint (the authors' layout or this project's) to this module's parameter names.
+    """Adapt a checkpoint (the authors' layout or this project's) to this module's parameter names, and
+    given a PosMLP with other windows, its window-sized weights to them (`resample_to_windows`).
 
     Accepts a whole training checkpoint too: its EMA weights are used when present, as the authors
     evaluated with them (pick other weights with `models.create_model_from_checkpoint`).
@@ -699,7 +705,51 @@ def checkpoint_filter_fn(state_dict: dict, model: Optional[nn.Module] = None) ->
         for pattern, replacement in _AUTHOR_KEY_RENAMES:
             name = re.sub(pattern, replacement, name)
         out[name] = value
+    return resample_to_windows(out, model) if isinstance(model, PosMLP) else out
+
+
+def resample_to_windows(state_dict: Dict[str, torch.Tensor], model: 'PosMLP') -> Dict[str, torch.Tensor]:
+    """Fit the window-sized weights of `state_dict` to the model's windows (the image size changes none).
+
+    GQPE's centres and spreads define its Gaussian at any offset: they carry over unchanged. LRPE tables
+    are resampled with timm's `resize_rel_pos_bias_table`, token biases bicubically on the window grid
+    (timm's `resample_abs_pos_embed`). SGU's N x N matrices have no relative form to resample: refused.
+    """
+    own = model.state_dict()
+    out, changed = dict(state_dict), {}
+    for name, value in state_dict.items():
+        target = own.get(name)
+        if target is None or target.shape == value.shape or not name.startswith('stages.'):
+            continue
+        stage = int(name.split('.')[1])
+        new = model.stages[stage].win_size
+        if name.endswith('.gate.token_bias'):
+            old = math.isqrt(value.shape[1])
+            out[name] = resample_abs_pos_embed(value, [new, new], [old, old], num_prefix_tokens=0)
+        elif name.endswith('.gate.pos.table'):
+            old = (math.isqrt(value.shape[0]) + 1) // 2  # (2w - 1)^2 offsets
+            out[name] = resize_rel_pos_bias_table(value, (new, new), tuple(target.shape), (old, old))
+        elif name.endswith('.gate.proj.weight'):
+            old = math.isqrt(value.shape[0])
+            raise ValueError(
+                f'{name}: an SGU gate\'s {old * old}x{old * old} token-mixing matrix belongs to {old}x{old} windows '
+                f'and has no relative form to resample to the model\'s {new}x{new}; build the model with the '
+                f'checkpoint\'s windows (win_size), with which any image size works.')
+        else:
+            continue
+        changed.setdefault(stage, (old, new, set()))[2].add(name.rsplit('.', 1)[-1])
+    if changed:
+        _log_resampled(changed, any(name.endswith('.gate.pos.centers') for name in state_dict))
     return out
+
+
+def _log_resampled(changed: dict, has_gqpe: bool):
+    """One line naming, stage by stage, the windows and the weights resampled between them."""
+    what = {'table': 'LRPE tables', 'token_bias': 'token biases'}
+    stages = '; '.join(f'stage {stage} {old}x{old} -> {new}x{new}: {" and ".join(what[k] for k in sorted(kinds))}'
+                       for stage, (old, new, kinds) in sorted(changed.items()))
+    gqpe = ' GQPE centres and spreads carried over unchanged.' if has_gqpe else ''
+    _logger.info(f'Resampled to the model\'s windows: {stages}.{gqpe}')
 
 
 def _create_posmlp(variant: str, pretrained: bool = False, **kwargs) -> PosMLP:
