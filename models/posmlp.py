@@ -299,8 +299,9 @@ class PosMLPBlock(nn.Module):
 
     gate_impl='fast' (PoSGU gates only) runs fc1 -> act -> gate -> fc2 as one channel-major piece,
     `channel_major_mlp` (models/posmlp_fast.py), as timm's blocks run fused attention: it reads fc1's
-    and fc2's weights and the gate's token bias, so hooks on fc1, fc2 and the gate do not fire there;
-    act and the gate's positional encoder are still called as modules (act on (channels, tokens)).
+    and fc2's weights and the gate's token bias, so hooks on fc1, fc2 and the gate do not fire there, and
+    modules put in their place are not called; act and the gate's positional encoder are still called
+    as modules (act on (channels, tokens)).
     'reference' calls every sub-module. Both compute the same function of the same state dict.
     """
 

@@ -332,13 +332,18 @@ def test_whole_model_compiles_without_graph_breaks_and_exports():
             torch.testing.assert_close(exported(x), model(x), atol=1e-5, rtol=1e-5)
 
 
-def test_model_loaded_in_inference_mode_still_trains():
+def test_model_built_or_loaded_in_inference_mode_runs_and_follows_its_weights():
     _, reference = perturbed_pair()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        built = timm.create_model('posmlp_t', gate_impl='fast', **KWARGS).eval()
+        assert (built(x) - reference.eval()(x)).abs().max() > 1e-3
+        built.load_state_dict(reference.state_dict())
+        torch.testing.assert_close(built(x), reference(x), atol=1e-5, rtol=1e-5)
     built = timm.create_model('posmlp_t', gate_impl='fast', **KWARGS).eval()
     with torch.inference_mode():
         built.load_state_dict(reference.state_dict())
     assert not any(b.is_inference() for b in built.buffers())
-    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(built(x), reference.eval()(x), atol=1e-5, rtol=1e-5)
     built.train()(x).sum().backward()
