@@ -428,7 +428,10 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: 
     """
     # Other models' names are left as they are but for DDP's prefix, which PosMLP's filter drops too.
     _, filter_fn = FAMILIES.get(type(model), (None, checkpoint_filter_fn))
-    state_dict = filter_fn(state_dict, model)
+    try:
+        state_dict = filter_fn(state_dict, model)
+    except ValueError as e:  # window-sized weights that cannot be resampled to the model's windows
+        raise CheckpointError(f'{source} does not fit this model: {e}') from None
     own = model.state_dict()
     head = _classifier_prefixes(model)
     if not any(k.startswith(head) for k in own):

@@ -12,30 +12,43 @@ gMLP's SGU is kept as the ablation baseline (`gate='sgu'`).
 Layout: the stem and downsampling work on (B, C, H, W); each stage partitions its map into
 w x w windows, (B, nW, N, C) with N = w * w, and its blocks work there.
 """
+import copy
 import errno
+import logging
 import math
 import os
 import re
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from collections import OrderedDict
+from functools import partial
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_weights
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import (
+    DropPath, get_act_layer, get_norm_layer, resample_abs_pos_embed, resize_rel_pos_bias_table, trunc_normal_,
+)
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._manipulate import reparameterize_model
+
+from .posmlp_fast import channel_major_mlp
 
 __all__ = [
     'PosMLP', 'PoSGU', 'SGU', 'GQPE', 'LRPE', 'VARIANT_EMBED_DIMS', 'checkpoint_filter_fn', 'level_sizes',
-    'valid_img_sizes',
+    'resample_to_windows', 'valid_img_sizes',
 ]
+
+_logger = logging.getLogger(__name__)
 
 LN_EPS = 1e-6
 GATES = ('gqpe', 'lrpe', 'sgu')
 GATE_IMPLS = ('fast', 'reference')
+# GQPE weights below this are set to 0 (see GQPE.forward).
+MAP_FLOOR = 1e-30
 
 
 def window_partition(x: torch.Tensor, win: int) -> torch.Tensor:
@@ -93,32 +106,6 @@ def valid_img_sizes(near: int, win_size: Sequence[int]) -> Tuple[Optional[int], 
     while above is not None and _side_fits(above + 1, win_size):
         above += 1
     return below, above
-
-
-_HOOK_DICTS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks')
-
-
-def _observed(modules: Iterable[nn.Module]) -> bool:
-    """Whether hooks watch any of `modules`, their own or hooks on every module (which profilers and
-    FLOP counters register). The fused forms skip module calls and reuse buffers: a hook would miss
-    the calls or see its tensors overwritten."""
-    hooks_for_every_module = nn.modules.module  # keeps them as _global_forward_hooks etc.
-    if any(getattr(hooks_for_every_module, '_global' + name) for name in _HOOK_DICTS):
-        return True
-    return any(getattr(m, name) for m in modules for name in _HOOK_DICTS)
-
-
-def _plain_ops_only() -> bool:
-    """Whether the eager-only shortcuts (cached maps, folded stem, in-place and out= ops, the hand-written
-    autograd Function) must give way to plain ops. Under torch.compile/export or torch.jit.trace a graph
-    of the model is being recorded, which would bake them in or break on them; under torch.func transforms
-    (vmap, grad, jacrev, functional_call ensembles) tensors are wrapped, without data pointers of their own
-    and without batching rules for out= ops."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
-
-
-def _is_exact_gelu(module: nn.Module) -> bool:
-    return type(module) is nn.GELU and module.approximate == 'none'
 
 
 def _rebuild_derived_buffers(module: nn.Module, incompatible_keys) -> None:
@@ -188,7 +175,11 @@ class GQPE(nn.Module):
             scores = scores.unflatten(1, self.rel_features.shape[1:])
             if invalid_tokens is not None:
                 scores = scores.masked_fill(invalid_tokens[:, None, None, :], float('-inf'))
-            return scores.softmax(-1)
+            maps = scores.softmax(-1)
+            # Far from its centre the Gaussian falls below 1e-30 and on to subnormal numbers, whose
+            # products x86 CPUs compute many times slower (logs/benchmark_cpu_2026-11-30.md); such
+            # weights change no float32 sum, so they are set to 0.
+            return maps.masked_fill(maps < MAP_FLOOR, 0.)
 
 
 class LRPE(nn.Module):
@@ -227,15 +218,26 @@ class LRPE(nn.Module):
         return maps
 
 
-def group_major(t: torch.Tensor, gamma: int, dim: int = 0, halves: int = 1) -> torch.Tensor:
-    """Reorder the channels on `dim` group by group (channel k is in group k % gamma), in each of
-    `halves` equal halves separately. A strided copy, whose backward is a copy too."""
-    shape = t.shape
-    return t.unflatten(dim, (halves, -1, gamma)).transpose(dim + 1, dim + 2).reshape(shape)
+class FrozenMaps(nn.Module):
+    """An encoder's maps made once, for inference (`PoSGU.fuse()`): they depend on parameters, not on inputs.
+
+    Padded inputs still make their masked maps from the encoder, which is kept. The maps are a persistent
+    buffer, so the fused model's state dict carries them along with the parameters they were made from.
+    """
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        with torch.no_grad():
+            self.register_buffer('maps', encoder())
+
+    def forward(self, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.maps if invalid_tokens is None else self.encoder(invalid_tokens)
 
 
-def mix_groups_reference(u: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-    """Readable group-wise token mixing. u: (B, nW, N, D); channel k is in group k % gamma."""
+def mix_groups(u: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Group-wise token mixing: out[.., m, k] = sum_n maps[g, m, n] u[.., n, k], g = k % gamma.
+    u: (B, nW, N, D); maps: (gamma, N, N), or (nW, gamma, N, N) per window."""
     B, nW, N, D = u.shape
     gamma = maps.shape[-3]
     u = u.reshape(B, nW, N, D // gamma, gamma)
@@ -246,69 +248,8 @@ def mix_groups_reference(u: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     return out.reshape(B, nW, N, D)
 
 
-def mix_groups_channel_major(u: torch.Tensor, maps: torch.Tensor, bias: torch.Tensor, num_windows: int) -> torch.Tensor:
-    """mix(u) + bias on channel-major u: (D, M), channels in `group_major` order, tokens M = (B, nW, N)
-    flattened. Group g's rows are then a (D / gamma * B * nW, N) matrix, so the mixing is one batched
-    GEMM over groups on views, with the token bias added inside (baddbmm)."""
-    D, M = u.shape
-    gamma, N = maps.shape[-3], maps.shape[-1]
-    bias = bias.reshape(1, 1, N)
-    if maps.dim() == 3:
-        mixed = torch.baddbmm(bias, u.view(gamma, -1, N), maps.transpose(1, 2))
-    else:  # per-window maps (padded input): windows join the batch
-        rows = u.view(gamma, -1, num_windows, N).transpose(1, 2)
-        mixed = (torch.matmul(rows, maps.transpose(0, 1).transpose(-1, -2)) + bias).transpose(1, 2)
-    return mixed.reshape(D, M)
-
-
-class GeluGateFn(torch.autograd.Function):
-    """(mix(u) + bias) * v with u, v = GELU(h).chunk(2), channel-major, with a hand-written backward.
-
-    Autograd's backward of the same ops allocates a gradient for u and for v and concatenates them,
-    then allocates again for GELU's gradient. Here both halves are written straight into one buffer
-    and GELU's backward runs in place on it: about 6% off a posmlp_t training step on a 2-core CPU.
-    """
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, maps: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        activated = F.gelu(h)
-        u, v = activated.chunk(2)
-        mixed = mix_groups_channel_major(u, maps, bias, num_windows=1)
-        ctx.save_for_backward(h, activated, mixed, maps, bias)
-        return mixed * v
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        h, activated, mixed, maps, bias = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # create_graph=True (double backward): the plain ops' backward, which autograd can differentiate.
-            u, v = F.gelu(h).chunk(2)
-            out = mix_groups_channel_major(u, maps, bias, num_windows=1) * v
-            wanted = [t for t, needed in zip((h, maps, bias), ctx.needs_input_grad) if needed]
-            grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
-            return tuple(next(grads) if needed else None for needed in ctx.needs_input_grad)
-        gamma, N = maps.shape[0], maps.shape[-1]
-        u, v = activated.chunk(2)
-        grad_mixed = (grad_out * v).view(gamma, -1, N)
-        grad_h = torch.empty_like(h)
-        grad_u, grad_v = grad_h.chunk(2)
-        torch.mul(grad_out, mixed, out=grad_v)
-        torch.bmm(grad_mixed, maps, out=grad_u.view(gamma, -1, N))
-        grad_maps = grad_bias = None  # not needed when the positional parameters are frozen
-        if ctx.needs_input_grad[1]:
-            grad_maps = torch.bmm(grad_mixed.transpose(1, 2), u.view(gamma, -1, N))
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad_mixed.sum((0, 1)).view(bias.shape)
-        torch.ops.aten.gelu_backward.grad_input(grad_h, h, grad_input=grad_h)
-        return grad_h, grad_maps, grad_bias
-
-
 class PoSGU(nn.Module):
-    """Positional spatial gating unit: (mix(u) + token_bias) * v, one generated map per channel group.
-
-    `forward` is the direct form on (B, nW, N, 2D) tokens, rebuilding the maps on every call: the
-    readable reference. `forward_channel_major` is the fast form that `PosMLPBlock` uses.
-    """
+    """Positional spatial gating unit: (mix(u) + token_bias) * v, one generated map per channel group."""
 
     def __init__(self, dim: int, win_size: int, gamma: int, pos_enc: str = 'gqpe', generalized: bool = True):
         super().__init__()
@@ -318,102 +259,26 @@ class PoSGU(nn.Module):
         self.gamma = gamma
         self.pos = GQPE(win_size, gamma, generalized) if pos_enc == 'gqpe' else LRPE(win_size, gamma)
         self.token_bias = nn.Parameter(torch.zeros(1, win_size * win_size, 1))
-        self._cached_maps: Optional[torch.Tensor] = None
-        self._cache_key: Optional[tuple] = None
-
-    @staticmethod
-    def _maps_cache_key(tensors: Sequence[torch.Tensor]) -> tuple:
-        # Identifies the parameters' values without reading them (on a GPU, reading them would make the
-        # host wait in every block): in-place updates (optimizer steps, load_state_dict, edits under
-        # no_grad) bump a tensor's version, and .to()/.half() give new storage. Edits through `.data`
-        # bypass the version counter: call train() or eval() after them, which drops the cache.
-        return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
-
-    def maps(self, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The token-mixing maps; reused across calls only when no gradient can flow to them and the
-        positional parameters are unchanged."""
-        cacheable = (
-            invalid_tokens is None
-            and not self.training
-            and not torch.is_grad_enabled()
-            and not _plain_ops_only()
-            # A hook on the encoder must run on every call, and must not leave its output cached.
-            and not _observed((self.pos,))
-        )
-        # What the maps are made from: the encoder's parameters and its derived buffers (which
-        # `init_non_persistent_buffers` replaces).
-        tensors = (*self.pos.parameters(), *self.pos.buffers()) if cacheable else ()
-        # Tensors made under inference_mode keep no version counter.
-        if not cacheable or any(t.is_inference() for t in tensors):
-            return self.pos(invalid_tokens)
-        key = self._maps_cache_key(tensors)
-        if self._cache_key != key:
-            self._cached_maps = self.pos()
-            self._cache_key = key
-        return self._cached_maps
-
-    def train(self, mode: bool = True):
-        self._cached_maps, self._cache_key = None, None
-        return super().train(mode)
 
     def forward(self, x: torch.Tensor, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         u, v = x.chunk(2, dim=-1)
-        mixed = mix_groups_reference(u, self.pos(invalid_tokens).to(u.dtype))
+        mixed = mix_groups(u, self.pos(invalid_tokens).to(u.dtype))
         return (mixed + self.token_bias) * v
 
-    def forward_channel_major(
-            self,
-            h: torch.Tensor,
-            num_windows: int,
-            invalid_tokens: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """The block's GELU and this gate on fc1's channel-major output h: (2D, M), channels of each
-        half in `group_major` order (see `mix_groups_channel_major`); returns (D, M).
-        Where autograd is off, h is overwritten: nothing else needs it, and fresh buffers cost time.
-        On CPU, with maps shared by all windows, the result is written over h's first half too.
-        Under graph capture the plain ops are recorded, whatever the grad mode (torch.compile fuses them
-        itself; a trace must be the same graph with and without autograd); torch.func transforms get
-        them too (see `_plain_ops_only`)."""
-        maps = self.maps(invalid_tokens).to(h.dtype)
-        bias = self.token_bias.to(h.dtype)
-        if _plain_ops_only():
-            u, v = F.gelu(h).chunk(2)
-            return mix_groups_channel_major(u, maps, bias, num_windows) * v
-        hand_fused = maps.dim() == 3  # the hand-fused forms need maps shared by all windows
-        if not torch.is_grad_enabled():
-            torch.ops.aten.gelu_(h)
-            if hand_fused and h.device.type == 'cpu':
-                return self._gate_in_place(h, maps, bias)
-            u, v = h.chunk(2)
-            return mix_groups_channel_major(u, maps, bias, num_windows).mul_(v)
-        if hand_fused:
-            return GeluGateFn.apply(h, maps, bias)
-        u, v = F.gelu(h).chunk(2)
-        return mix_groups_channel_major(u, maps, bias, num_windows) * v
-
-    @staticmethod
-    def _gate_in_place(h: torch.Tensor, maps: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """(mix(u) + bias) * v written over u, with u, v = h.chunk(2). The mixing cannot run in place,
-        so it goes group by group through a one-group buffer, instead of a fresh buffer as large as u:
-        on CPU, first touching fresh memory costs more than the 2 * gamma smaller calls. (Not used on
-        GPUs, whose caching allocator makes fresh buffers cheap and where each call is a launch.)"""
-        gamma, N = maps.shape[0], maps.shape[-1]
-        u, v = h.chunk(2)
-        u_groups, v_groups = u.view(gamma, -1, N), v.view(gamma, -1, N)
-        mixed = torch.empty_like(u_groups[0])
-        for u_g, v_g, map_g in zip(u_groups, v_groups, maps):
-            torch.addmm(bias.view(1, N), u_g, map_g.t(), out=mixed)
-            torch.mul(mixed, v_g, out=u_g)
-        return u
+    def fuse(self) -> 'PoSGU':
+        """For inference, in place: the positional maps made once and stored (see `FrozenMaps`)."""
+        if not isinstance(self.pos, FrozenMaps):
+            self.pos = FrozenMaps(self.pos)
+        return self
 
 
 class SGU(nn.Module):
-    """gMLP's spatial gating unit inside a window (the paper's baseline): (W LN(u) + b) * v."""
+    """gMLP's spatial gating unit inside a window (the paper's baseline): (W norm(u) + b) * v."""
 
-    def __init__(self, dim: int, win_size: int):
+    def __init__(self, dim: int, win_size: int, norm_layer: Callable = partial(nn.LayerNorm, eps=LN_EPS)):
         super().__init__()
         num_tokens = win_size * win_size
-        self.norm = nn.LayerNorm(dim // 2, eps=LN_EPS)
+        self.norm = norm_layer(dim // 2)
         self.proj = nn.Linear(num_tokens, num_tokens)
         self.init_weights()
 
@@ -432,14 +297,14 @@ class SGU(nn.Module):
 
 
 class PosMLPBlock(nn.Module):
-    """x + DropPath(Dropout(fc2(gate(GELU(fc1(LN(x))))))) on windowed tokens (B, nW, N, C).
+    """x + DropPath(Dropout(fc2(gate(act(fc1(norm(x))))))) on windowed tokens (B, nW, N, C).
 
-    With a PoSGU gate and impl='fast' the block runs channel-major: fc1 writes (2D, tokens) with its
-    rows in the gate's group-major order and fc2 reads the same order, so the group-wise mixing needs
-    no copy of the activations (only the small weights are reordered); the gate applies the GELU.
-    Where autograd is off, the gate works inside fc1's output (see `PoSGU.forward_channel_major`) and
-    the residual add happens inside fc2's GEMM, written over LayerNorm's output when the dtypes agree.
-    impl='reference' runs the direct form; both compute the same function of the same parameters.
+    gate_impl='fast' (PoSGU gates only) runs fc1 -> act -> gate -> fc2 as one channel-major piece,
+    `channel_major_mlp` (models/posmlp_fast.py), as timm's blocks run fused attention: it reads fc1's
+    and fc2's weights and the gate's token bias, so hooks on fc1, fc2 and the gate do not fire there, and
+    modules put in their place are not called; act and the gate's positional encoder are still called
+    as modules (act on (channels, tokens)).
+    'reference' calls every sub-module. Both compute the same function of the same state dict.
     """
 
     def __init__(
@@ -450,117 +315,75 @@ class PosMLPBlock(nn.Module):
             mlp_ratio: float = 4.,
             gate: str = 'gqpe',
             generalized: bool = True,
-            impl: str = 'fast',
+            gate_impl: str = 'fast',
             drop: float = 0.,
             drop_path: float = 0.,
+            norm_layer: Callable = partial(nn.LayerNorm, eps=LN_EPS),
+            act_layer: Callable = nn.GELU,
     ):
         super().__init__()
-        if impl not in GATE_IMPLS:
-            raise ValueError(f'PosMLPBlock: gate_impl={impl!r} is not one of {GATE_IMPLS}.')
+        if gate_impl not in GATE_IMPLS:
+            raise ValueError(f'PosMLPBlock: gate_impl={gate_impl!r} is not one of {GATE_IMPLS}.')
         hidden = int(mlp_ratio * dim)
-        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm = norm_layer(dim)
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = act_layer()
         if gate == 'sgu':
-            self.gate = SGU(hidden, win_size)
+            self.gate = SGU(hidden, win_size, norm_layer)
         else:
             self.gate = PoSGU(hidden, win_size, gamma, gate, generalized)
         self.fc2 = nn.Linear(hidden // 2, dim)
         self.drop = nn.Dropout(drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.channel_major = impl == 'fast' and isinstance(self.gate, PoSGU)
-
-    def _forward_channel_major(self, x: torch.Tensor, invalid_tokens: Optional[torch.Tensor]) -> torch.Tensor:
-        B, nW, N, C = x.shape
-        gamma = self.gate.gamma
-        tokens = self.norm(x).view(-1, C)
-        fc1_bias = group_major(self.fc1.bias, gamma, halves=2)
-        h = torch.addmm(fc1_bias[:, None], group_major(self.fc1.weight, gamma, halves=2), tokens.t())
-        y = self.gate.forward_channel_major(h, nW, invalid_tokens).t()
-        fc2_weight = group_major(self.fc2.weight, gamma, dim=1).t()
-        # Dropout and drop path are identities in eval; in-place ops do not autocast, so the dtypes must
-        # agree. The normalised tokens are dead after fc1: their buffer takes the output.
-        same_dtype = x.dtype == tokens.dtype == y.dtype == fc2_weight.dtype
-        if not torch.is_grad_enabled() and not self.training and same_dtype and not _plain_ops_only():
-            out = torch.add(x.reshape(-1, C), self.fc2.bias, out=tokens)
-            return out.addmm_(y, fc2_weight).view(B, nW, N, C)
-        y = torch.addmm(self.fc2.bias, y, fc2_weight).view(B, nW, N, C)
-        return x + self.drop_path(self.drop(y))
-
-    def _channel_major_applies(self) -> bool:
-        """The channel-major form reads fc1's and fc2's weights, applies its own exact GELU and reuses
-        LayerNorm's output buffer. A replaced norm/fc1/act/fc2, or hooks on the block's modules, would
-        be bypassed or see overwritten tensors: such blocks run module by module instead."""
-        if not self.channel_major:
-            return False
-        plain = (
-            type(self.norm) is nn.LayerNorm and type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear
-            and _is_exact_gelu(self.act)
-        )
-        return plain and not _observed(self.children())
+        self.channel_major = gate_impl == 'fast' and gate != 'sgu'
 
     def forward(self, x: torch.Tensor, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self._channel_major_applies():
-            return self._forward_channel_major(x, invalid_tokens)
-        y = self.fc2(self.gate(self.act(self.fc1(self.norm(x))), invalid_tokens))
+        if self.channel_major:
+            y = channel_major_mlp(self.norm(x), self.fc1, self.act, self.gate, self.fc2, invalid_tokens)
+        else:
+            y = self.fc2(self.gate(self.act(self.fc1(self.norm(x))), invalid_tokens))
         return x + self.drop_path(self.drop(y))
-
-
-def _conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """bn(conv(x)) for a BatchNorm in eval mode, as one conv with the normalisation folded into it."""
-    weight, bias = fuse_conv_bn_weights(
-        conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
-    return conv._conv_forward(x, weight, bias)
 
 
 class ConvStem(nn.Module):
     """Stride-4 convolutional patch embedding: two 3x3 stride-2 convs and a 1x1 conv, each with BN."""
 
-    def __init__(self, in_chans: int, dim: int):
+    def __init__(
+            self,
+            in_chans: int,
+            dim: int,
+            norm_layer: Callable = partial(nn.BatchNorm2d, eps=LN_EPS),
+            act_layer: Callable = nn.GELU,
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1)
-        self.norm1 = nn.BatchNorm2d(dim // 2, eps=LN_EPS)
+        self.norm1 = norm_layer(dim // 2)
         self.conv2 = nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1)
-        self.norm2 = nn.BatchNorm2d(dim, eps=LN_EPS)
+        self.norm2 = norm_layer(dim)
         self.conv3 = nn.Conv2d(dim, dim, 1)
-        self.norm3 = nn.BatchNorm2d(dim, eps=LN_EPS)
-        self.act = nn.GELU()
-
-    def _folding_applies(self) -> bool:
-        """Folding needs no autograd and BatchNorms that normalise with running statistics (eval mode,
-        statistics tracked); like the fast block, it runs only for the stem's own, unobserved modules."""
-        # torch.compile cannot trace fuse_conv_bn_weights, which returns nn.Parameters.
-        if torch.is_grad_enabled() or _plain_ops_only():
-            return False
-        norms = (self.norm1, self.norm2, self.norm3)
-        plain_convs = all(type(conv) is nn.Conv2d for conv in (self.conv1, self.conv2, self.conv3))
-        frozen_norms = all(
-            type(norm) is nn.BatchNorm2d and not norm.training and norm.running_var is not None for norm in norms)
-        plain = plain_convs and frozen_norms and _is_exact_gelu(self.act)
-        return plain and not _observed(self.children())
+        self.norm3 = norm_layer(dim)
+        self.act = act_layer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._folding_applies():
-            return self._forward_folded(x)
         x = self.act(self.norm1(self.conv1(x)))
         x = self.act(self.norm2(self.conv2(x)))
         return self.norm3(self.conv3(x))
 
-    def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference with each BatchNorm folded into its conv and GELU in place: three full-size
-        activations instead of eight, the same function up to float rounding."""
-        x = torch.ops.aten.gelu_(_conv_bn(x, self.conv1, self.norm1))
-        x = torch.ops.aten.gelu_(_conv_bn(x, self.conv2, self.norm2))
-        return _conv_bn(x, self.conv3, self.norm3)
+    def fuse(self) -> nn.Module:
+        """For inference: each BatchNorm folded into its conv, with its running statistics."""
+        convs = [fuse_conv_bn_eval(conv.eval(), norm.eval()) for conv, norm in (
+            (self.conv1, self.norm1), (self.conv2, self.norm2), (self.conv3, self.norm3))]
+        return nn.Sequential(OrderedDict(
+            conv1=convs[0], act1=self.act, conv2=convs[1], act2=copy.deepcopy(self.act), conv3=convs[2]))
 
 
 class ConvDownsample(nn.Module):
-    """Patch merging between stages: grouped 3x3 stride-2 conv (C -> 2C), then LayerNorm; NCHW -> NHWC."""
+    """Patch merging between stages: grouped 3x3 stride-2 conv (C -> 2C), then norm; NCHW -> NHWC."""
 
-    def __init__(self, in_dim: int, out_dim: int):
+    def __init__(self, in_dim: int, out_dim: int, norm_layer: Callable = partial(nn.LayerNorm, eps=LN_EPS)):
         super().__init__()
         self.conv = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1, groups=in_dim)
-        self.norm = nn.LayerNorm(out_dim, eps=LN_EPS)
+        self.norm = norm_layer(out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.conv(x).permute(0, 2, 3, 1))
@@ -582,13 +405,14 @@ class PosMLPStage(nn.Module):
             gamma: int,
             mlp_ratio: float,
             drop_path: Sequence[float],
+            norm_layer: Callable = partial(nn.LayerNorm, eps=LN_EPS),
             **block_kwargs,
     ):
         super().__init__()
         self.win_size = win_size
-        self.downsample = ConvDownsample(in_dim, dim) if in_dim is not None else None
+        self.downsample = ConvDownsample(in_dim, dim, norm_layer) if in_dim is not None else None
         self.blocks = nn.Sequential(*[
-            PosMLPBlock(dim, win_size, gamma, mlp_ratio, drop_path=drop_path[i], **block_kwargs)
+            PosMLPBlock(dim, win_size, gamma, mlp_ratio, drop_path=drop_path[i], norm_layer=norm_layer, **block_kwargs)
             for i in range(depth)
         ])
         self.grad_checkpointing = False
@@ -639,11 +463,16 @@ class PosMLP(nn.Module):
         win_size, gamma, embed_dims, mlp_ratio: per stage, or one number for every stage.
         gate: 'gqpe' (the paper's models), 'lrpe', or 'sgu' (gMLP's gate, the ablation baseline).
         generalized: full 2x2 covariance for GQPE (the paper's default) or one scalar spread per group.
-        gate_impl: 'fast' (channel-major blocks, one GEMM per group's mixing, maps cached for inference) or
-            'reference' (the direct einsum form, maps rebuilt on every call).
+        gate_impl: 'fast' (each PoSGU block's MLP as one channel-major piece, see `models/posmlp_fast.py`) or
+            'reference' (module by module); the same function and state dict.
         drop_rate: dropout after every block's output projection and before the head.
         dynamic_img_pad: pad maps that do not divide into windows and mask the padding out of the
             mixing; when False, such inputs raise an error naming the sizes that fit.
+        norm_layer: the token norm (blocks, downsampling, SGU, final); LayerNorm with eps 1e-6 by default.
+        act_layer: the activation (blocks and stem); GELU by default. Both take timm's layer names too.
+
+    `fuse()` (or timm's `reparameterize_model`) turns a model into its inference form: the stem's
+    BatchNorms folded into its convs, the positional maps made once and stored.
     """
 
     def __init__(
@@ -663,6 +492,8 @@ class PosMLP(nn.Module):
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             dynamic_img_pad: bool = True,
+            norm_layer: Optional[Union[str, Callable]] = None,
+            act_layer: Optional[Union[str, Callable]] = None,
     ):
         super().__init__()
         num_stages = len(depths)
@@ -686,7 +517,9 @@ class PosMLP(nn.Module):
         if not dynamic_img_pad:
             self.check_input_size(self.img_size)
 
-        self.stem = ConvStem(in_chans, embed_dims[0])
+        norm_layer = get_norm_layer(norm_layer) if norm_layer is not None else partial(nn.LayerNorm, eps=LN_EPS)
+        act_layer = get_act_layer(act_layer) if act_layer is not None else nn.GELU
+        self.stem = ConvStem(in_chans, embed_dims[0], act_layer=act_layer)
         total = sum(depths)
         drop_path = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         stages = []
@@ -695,11 +528,12 @@ class PosMLP(nn.Module):
             stages.append(PosMLPStage(
                 embed_dims[i - 1] if i > 0 else None, embed_dims[i], depths[i], win_size[i], gamma[i],
                 mlp_ratio[i], drop_path[sum(depths[:i]):sum(depths[:i + 1])],
-                gate=gate, generalized=generalized, impl=gate_impl, drop=drop_rate,
+                gate=gate, generalized=generalized, gate_impl=gate_impl, drop=drop_rate,
+                norm_layer=norm_layer, act_layer=act_layer,
             ))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
-        self.norm = nn.LayerNorm(self.num_features, eps=LN_EPS)
+        self.norm = norm_layer(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
@@ -732,6 +566,12 @@ class PosMLP(nn.Module):
                     f'divide into {win}x{win} windows (windows {self.win_size}). Sides that fit nearby: '
                     f'{"; ".join(hints)}; or build the model with dynamic_img_pad=True to pad every stage.'
                 )
+
+    def fuse(self) -> 'PosMLP':
+        """This model, in place, in its inference form (timm's `reparameterize_model` convention): the
+        stem's BatchNorms folded into its convs with their running statistics, and each positional
+        encoder's maps made once and stored. Put it in eval mode; train and load weights before."""
+        return reparameterize_model(self.eval(), inplace=True)
 
     def no_weight_decay(self):
         """Nothing beyond timm's default (1-D parameters and biases): the authors' recipe decays the
@@ -850,7 +690,8 @@ _AUTHOR_DERIVED_BUFFERS = ('gate_unit.pos.rel_indices', 'gate_unit.pos.window_re
 
 
 def checkpoint_filter_fn(state_dict: dict, model: Optional[nn.Module] = None) -> dict:
-    """Adapt a checkpoint (the authors' layout or this project's) to this module's parameter names.
+    """Adapt a checkpoint (the authors' layout or this project's) to this module's parameter names, and
+    given a PosMLP with other windows, its window-sized weights to them (`resample_to_windows`).
 
     Accepts a whole training checkpoint too: its EMA weights are used when present, as the authors
     evaluated with them (pick other weights with `models.create_model_from_checkpoint`).
@@ -867,7 +708,51 @@ def checkpoint_filter_fn(state_dict: dict, model: Optional[nn.Module] = None) ->
         for pattern, replacement in _AUTHOR_KEY_RENAMES:
             name = re.sub(pattern, replacement, name)
         out[name] = value
+    return resample_to_windows(out, model) if isinstance(model, PosMLP) else out
+
+
+def resample_to_windows(state_dict: Dict[str, torch.Tensor], model: 'PosMLP') -> Dict[str, torch.Tensor]:
+    """Fit the window-sized weights of `state_dict` to the model's windows (the image size changes none).
+
+    GQPE's centres and spreads define its Gaussian at any offset: they carry over unchanged. LRPE tables
+    are resampled with timm's `resize_rel_pos_bias_table`, token biases bicubically on the window grid
+    (timm's `resample_abs_pos_embed`). SGU's N x N matrices have no relative form to resample: refused.
+    """
+    own = model.state_dict()
+    out, changed = dict(state_dict), {}
+    for name, value in state_dict.items():
+        target = own.get(name)
+        if target is None or target.shape == value.shape or not name.startswith('stages.'):
+            continue
+        stage = int(name.split('.')[1])
+        new = model.stages[stage].win_size
+        if name.endswith('.gate.token_bias'):
+            old = math.isqrt(value.shape[1])
+            out[name] = resample_abs_pos_embed(value, [new, new], [old, old], num_prefix_tokens=0)
+        elif name.endswith('.gate.pos.table'):
+            old = (math.isqrt(value.shape[0]) + 1) // 2  # (2w - 1)^2 offsets
+            out[name] = resize_rel_pos_bias_table(value, (new, new), tuple(target.shape), (old, old))
+        elif name.endswith('.gate.proj.weight'):
+            old = math.isqrt(value.shape[0])
+            raise ValueError(
+                f'{name}: an SGU gate\'s {old * old}x{old * old} token-mixing matrix belongs to {old}x{old} windows '
+                f'and has no relative form to resample to the model\'s {new}x{new}; build the model with the '
+                f'checkpoint\'s windows (win_size), with which any image size works.')
+        else:
+            continue
+        changed.setdefault(stage, (old, new, set()))[2].add(name.rsplit('.', 1)[-1])
+    if changed:
+        _log_resampled(changed, any(name.endswith('.gate.pos.centers') for name in state_dict))
     return out
+
+
+def _log_resampled(changed: dict, has_gqpe: bool):
+    """One line naming, stage by stage, the windows and the weights resampled between them."""
+    what = {'table': 'LRPE tables', 'token_bias': 'token biases'}
+    stages = '; '.join(f'stage {stage} {old}x{old} -> {new}x{new}: {" and ".join(what[k] for k in sorted(kinds))}'
+                       for stage, (old, new, kinds) in sorted(changed.items()))
+    gqpe = ' GQPE centres and spreads carried over unchanged.' if has_gqpe else ''
+    _logger.info(f'Resampled to the model\'s windows: {stages}.{gqpe}')
 
 
 def _create_posmlp(variant: str, pretrained: bool = False, **kwargs) -> PosMLP:

@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 
-from conftest import ROOT, TINY_KWARGS, make_image_folder
+from conftest import ROOT, TINY_KWARGS, make_image_folder, restored_process_state
 
 import benchmark
 from utils import benchmarking, loader_benchmark, suites
@@ -147,6 +147,16 @@ def test_gmacs_match_a_count_by_hand(gate_impl):
     model = timm.create_model('posmlp_t', gate_impl=gate_impl, **kwargs)
     gmacs = benchmarking.count_gmacs(model, (3, 64, 64), torch.device('cpu'), torch.contiguous_format)
     assert round(gmacs * 1e9) == analytic_macs(kwargs)
+
+
+def test_reparam_times_the_fused_posmlp_for_inference_only():
+    _, tasks, _, config = benchmark.parse_args(['--model', 'posmlp_t', '--reparam', *QUICK_ARGS, *TINY_ARGS])
+    with restored_process_state():
+        infer, train = (benchmarking.ModelBench(task, config) for task in tasks)
+    assert [task.mode for task in tasks] == ['infer', 'train']
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in infer.run_model.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in train.run_model.modules())
+    assert infer.gmacs < train.gmacs  # the fused model's maps are stored, not made
 
 
 def test_input_size_follows_the_entry_model_arguments():

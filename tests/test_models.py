@@ -9,7 +9,7 @@ import torch
 
 import models
 from models import CheckpointError
-from models.posmlp import GQPE, LRPE, ConvStem, relative_offsets
+from models.posmlp import GQPE, LRPE, MAP_FLOOR, ConvStem, relative_offsets
 from conftest import TINY_KWARGS, reference_path
 
 FIXTURES = ('gqpe_tiny', 'lrpe_tiny')
@@ -120,6 +120,17 @@ def test_rebuilt_position_buffers_equal_the_authors():
     assert dx[0, 1] == 1 and dy[0, 3] == -1  # token 1 is right of token 0; token 3 is below it
 
 
+def test_gqpe_weights_below_the_floor_are_zero_not_subnormal():
+    """Far from its centre a 14x14 window's Gaussian underflows; what is left below 1e-30 is dropped."""
+    gqpe = GQPE(14, 8)
+    with torch.no_grad():
+        maps = gqpe()
+        exact = (gqpe.feature_weights() @ gqpe.rel_features.flatten(1)).unflatten(1, (196, 196)).softmax(-1)
+    assert (exact[exact > 0] < 1e-30).any()  # the case exists at init
+    assert not ((maps > 0) & (maps < MAP_FLOOR)).any()
+    torch.testing.assert_close(maps, exact, atol=1e-29, rtol=0)
+
+
 def test_features_only_returns_the_four_level_maps():
     model = timm.create_model('posmlp_t', features_only=True).eval()
     assert model.feature_info.channels() == [96, 192, 384, 768]
@@ -168,7 +179,7 @@ def test_every_parameter_gets_a_gradient(gate, impl):
     assert not missing
 
 
-def test_inference_stem_folds_batchnorm_into_the_convs(monkeypatch):
+def test_fused_stem_folds_batchnorm_into_the_convs():
     torch.manual_seed(0)
     stem = ConvStem(3, 16).eval()
     with torch.no_grad():
@@ -177,32 +188,30 @@ def test_inference_stem_folds_batchnorm_into_the_convs(monkeypatch):
             norm.running_var.uniform_(0.5, 2.0)
             norm.weight.normal_()
             norm.bias.normal_()
-    folded_calls = []
-    folded = ConvStem._forward_folded
-    monkeypatch.setattr(ConvStem, '_forward_folded', lambda self, x: folded_calls.append(1) or folded(self, x))
     x = torch.randn(2, 3, 32, 32)
-    expected = stem(x)  # autograd on: the BatchNorms run as they are
-    assert not folded_calls
-    with torch.no_grad():
-        out = stem(x)
-    assert folded_calls
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    expected = stem(x)
+    fused = stem.fuse()
+    assert [type(m) for m in fused] == [torch.nn.Conv2d, torch.nn.GELU] * 2 + [torch.nn.Conv2d]
+    torch.testing.assert_close(fused(x), expected, atol=1e-5, rtol=1e-5)
+    # The convs keep their state-dict names; the norms are gone.
+    assert set(fused.state_dict()) == {f'conv{i}.{p}' for i in (1, 2, 3) for p in ('weight', 'bias')}
 
-    # A hook on a folded module, or a replaced activation, sends the stem through its modules.
-    seen = []
-    with stem.norm2.register_forward_hook(lambda module, args, y: seen.append(y.shape)), torch.no_grad():
-        torch.testing.assert_close(stem(x), expected, atol=1e-5, rtol=1e-5)
-    assert seen
-    # A BatchNorm left in training mode normalises with batch statistics: nothing to fold.
-    stem.norm2.train()
-    folded_calls.clear()
+
+def test_norm_and_activation_layers_are_arguments():
+    model = timm.create_model('posmlp_t', norm_layer='rmsnorm', act_layer='silu', **TINY_KWARGS)
+    block = model.stages[1].blocks[0]
+    assert type(block.norm).__name__ == 'RmsNorm' and type(model.norm).__name__ == 'RmsNorm'
+    assert type(model.stages[1].downsample.norm).__name__ == 'RmsNorm'
+    assert isinstance(block.act, torch.nn.SiLU) and isinstance(model.stem.act, torch.nn.SiLU)
+    assert isinstance(model.stem.norm1, torch.nn.BatchNorm2d)  # the stem keeps its BatchNorms
+    reference = timm.create_model('posmlp_t', norm_layer='rmsnorm', act_layer='silu', gate_impl='reference',
+                                  **TINY_KWARGS)
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        stem(x)
-    assert not folded_calls
-    stem.norm2.eval()
-    stem.act = torch.nn.ReLU()
-    with torch.no_grad():
-        assert (stem(x) - expected).abs().max().item() > 1e-3
+        torch.testing.assert_close(model.eval()(x), reference.eval()(x), atol=1e-5, rtol=1e-5)
+    default = timm.create_model('posmlp_t', **TINY_KWARGS)
+    assert default.norm.eps == 1e-6 and isinstance(default.stages[0].blocks[0].act, torch.nn.GELU)
 
 
 def test_grad_checkpointing_gives_the_same_gradients():
