@@ -72,7 +72,8 @@ def test_a_failing_part_is_reported_and_the_others_still_run(tmp_path, monkeypat
     def passing(check, deadline):
         return ['ran']
 
-    monkeypatch.setattr(gpu_check, 'PARTS', (gpu_check.Part('first', broken, 10), gpu_check.Part('second', passing, 10)))
+    parts = (gpu_check.Part('first', broken, 10), gpu_check.Part('second', passing, 10))
+    monkeypatch.setattr(gpu_check, 'PARTS', parts)
     assert gpu_check.main(['--cpu-smoke', '--out', str(tmp_path)]) == 1
     summary = (tmp_path / 'summary.md').read_text()
     assert '| first | fail |' in summary and 'the check of this part failed' in summary
@@ -92,3 +93,22 @@ def test_ddp_step_trains_on_cpu_with_gloo(tmp_path, monkeypatch):
     measured = json.loads(result.read_text())
     assert status == 0, measured['failed_checks']
     assert measured['backend'] == 'gloo' and measured['updates'] == 6 and measured['no_sync_micro_steps'] == 6
+
+
+def test_benchmark_tables_hold_every_run(tmp_path):
+    def row(model, mode, dtype='float16', batch=128, setting='default', vs_base=None, **extra):
+        return dict(model=model, setting=setting, mode=mode, batch_size=batch, dtype=dtype, img_per_sec=1000.4,
+                    peak_mem_mb=2048.0, speed_vs_baseline=vs_base, params_m=20.9, gmacs=5.18, **extra)
+
+    (tmp_path / 'b128.json').write_text(json.dumps(dict(environment={}, results=[
+        row('posmlp_t', 'infer', vs_base=1.25), row('posmlp_t', 'infer', setting='gate_impl=reference', vs_base=1.0),
+        row('convnext_tiny', 'infer', vs_base=1.5)])))
+    (tmp_path / 'b32.json').write_text(json.dumps(dict(environment={}, results=[
+        row('vip_s7', 'infer', batch=32, vs_base=1.0, paper_img_per_sec=719, paper_vs_baseline=1.0),
+        row('posmlp_t', 'infer', batch=32, vs_base=0.9, paper_img_per_sec=None, paper_vs_baseline=None)])))
+    lines = gpu_check.benchmark_tables([tmp_path / 'b128.json', tmp_path / 'b32.json', tmp_path / 'missing.json'])
+    text = '\n'.join(lines)
+    assert '| posmlp_t (gate_impl=reference) | 1000 (2048 MB) |' in text
+    assert 'median of per-round ratios: infer float16 b128 1.25x.' in text
+    assert '| vip_s7 | 20.9 | 5.18 | 1000 | 1.00x | 719 | 1.0 |' in text
+    assert '| posmlp_t | 20.9 | 5.18 | 1000 | 0.90x | - | - |' in text

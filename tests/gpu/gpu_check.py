@@ -18,10 +18,10 @@ limit for the whole check (--time-limit):
              accumulation and EMA through the project's training step
   train      distributed_train.sh 1 with configs/posmlp_t.yaml for two short epochs on generated JPEGs,
              then train.py --resume last.pth.tar --epochs 3, then validate.py --amp on last.pth.tar
-The output folder holds this script's log (gpu_check.log), one log per part, nvidia-smi.txt, the measured
-errors (gate.jsonl, compile.jsonl), ddp.json, the training run's logs (train_run/), the benchmark
-results files and summary.md, the tables for README. Without CUDA each part is one line, "skipped, needs CUDA", and the
-exit status is 0; with CUDA it is 1 when a part failed.
+The output folder holds this script's log (gpu_check.log), the commands' output (part_NAME.log),
+nvidia-smi.txt, the measured errors (gate.jsonl, compile.jsonl), ddp.json, the training run's logs
+(train_run/), the benchmark results files and summary.md, the tables for README. Without CUDA each
+part is one line, "skipped, needs CUDA", and the exit status is 0; with CUDA it is 1 when a part failed.
 """
 import argparse
 import csv
@@ -47,8 +47,9 @@ ROOT = HERE.parents[1]
 PYTHON = sys.executable
 _logger = logging.getLogger('gpu_check')
 
-BENCHMARK_MODELS = ('posmlp_t', 'posmlp_t gate_impl=reference', 'gmlp_s16_224', 'resmlp_24_224',
-                    'swin_tiny_patch4_window7_224', 'convnext_tiny')
+REFERENCE_GATE = 'posmlp_t gate_impl=reference'
+BENCHMARK_MODELS = ('posmlp_t', REFERENCE_GATE, 'gmlp_s16_224', 'resmlp_24_224', 'swin_tiny_patch4_window7_224',
+                    'convnext_tiny')
 TRAIN_EXPERIMENT = 'posmlp_t'
 
 
@@ -74,8 +75,8 @@ def gpu_profile() -> Profile:
         # tasks at batch 128 take tens of GB together.
         for bench in ('inference', 'train'):
             runs.append((f'benchmark_b128_{dtype}_{bench}.json',
-                         ('--model', *BENCHMARK_MODELS, '--bench', bench, '-b', '128', '--amp-dtype', dtype,
-                          '--steps', '5', *timing)))
+                         ('--model', *BENCHMARK_MODELS, '--baseline', REFERENCE_GATE, '--bench', bench, '-b', '128',
+                          '--amp-dtype', dtype, '--steps', '5', *timing)))
     runs.append(('benchmark_b32_comparison.json',
                  ('--suite', 'comparison', '--model', *BENCHMARK_MODELS[-2:], '--bench', 'inference', '-b', '32',
                   '--amp-dtype', 'float16', '--steps', '10', *timing)))
@@ -88,17 +89,21 @@ def gpu_profile() -> Profile:
 def smoke_profile() -> Profile:
     sys.path.insert(0, str(HERE.parent))
     from conftest import TINY_MODEL_ARGS  # --model-kwargs for a 32 px model of a few thousand parameters
-    tiny_entry = ' '.join(['posmlp_t', *(arg.replace(' ', '') for arg in TINY_MODEL_ARGS[1:])])
     return Profile(device='cpu', train_images=32, val_images=16, image_long_side=48,
                    train_options=('--img-size', '32', *TINY_MODEL_ARGS, '--max-steps-per-epoch', '2', '--threads', '1'),
                    batch_size=8, workers=0, ddp_options=('--device', 'cpu', '--backend', 'gloo', '--smoke'),
                    benchmark_runs=(('benchmark_smoke.json',
-                                    ('--device', 'cpu', '--model', tiny_entry, '-b', '2', '--warmup', '0',
-                                     '--repeats', '1', '--steps', '1', '--no-isolate')),))
+                                    ('--device', 'cpu', '--model', *BENCHMARK_MODELS[:2], '--baseline', REFERENCE_GATE,
+                                     *TINY_MODEL_ARGS, '-b', '2', '--warmup', '0', '--repeats', '2', '--steps', '1',
+                                     '--no-isolate')),))
 
 
 class PartFailed(Exception):
-    """A check of a part failed; the message says which and by how much."""
+    """A check of a part failed; the message says which and by how much, `details` what was measured."""
+
+    def __init__(self, message: str, details: List[str] = ()):
+        super().__init__(message)
+        self.details = list(details)
 
 
 class PartTimedOut(Exception):
@@ -127,7 +132,7 @@ class Check:
 
     def command(self, argv: List[str], log_name: str, part_deadline: float, limit: Optional[float] = None,
                 env: Optional[Dict[str, str]] = None) -> int:
-        """Run argv from the repository root, its output appended to LOG_NAME.log; its exit status. Past the
+        """Run argv from the repository root, its output appended to part_LOG_NAME.log; its exit status. Past the
         part's deadline, the check's, or `limit` seconds, its process group is stopped (PartTimedOut)."""
         timeout = min(part_deadline, self.deadline) - time.monotonic()
         if limit is not None:
@@ -136,7 +141,7 @@ class Check:
             raise PartTimedOut(f'no time left for {shlex.join(argv[:3])} ...')
         _logger.info(f'{log_name}: $ {shlex.join(argv)}')
         start = time.monotonic()
-        with open(self.out / f'{log_name}.log', 'a') as log:
+        with open(self.part_log(log_name), 'a') as log:
             log.write(f'\n$ {shlex.join(argv)}\n')
             log.flush()
             process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env or self.env(),
@@ -154,6 +159,9 @@ class Check:
         _logger.info(f'{log_name}: exit status {status} after {time.monotonic() - start:.0f} s')
         return status
 
+    def part_log(self, name: str) -> Path:
+        return self.out / f'part_{name}.log'
+
     def stop_all(self):
         with self.lock:
             for process in list(self.running):
@@ -161,17 +169,16 @@ class Check:
 
 
 def stop(process: subprocess.Popen):
-    """Stop a command and everything it started (its own process group): politely, then for good."""
+    """Stop a command and what it started in its process group: politely, then for good."""
     for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
         try:
             os.killpg(process.pid, sig)
-        except ProcessLookupError:
+        except ProcessLookupError:  # none of the group is left
             return
         try:
             process.wait(timeout=grace)
-            return
         except subprocess.TimeoutExpired:
-            continue
+            pass
 
 
 def read_jsonl(path: Path) -> List[dict]:
@@ -191,7 +198,9 @@ def run_pytest_part(check: Check, deadline: float, name: str, test_file: str) ->
     rows = read_jsonl(record)
     details = error_table(rows)
     if status != 0:
-        raise PartFailed(f'pytest exit status {status}; the failed tests are at the end of {name}.log')
+        failed = [line for line in check.part_log(name).read_text().splitlines()
+                  if line.startswith(('FAILED ', 'ERROR '))]
+        raise PartFailed(f'pytest exit status {status}; see part_{name}.log', failed + [''] + details)
     if not rows:
         raise PartFailed(f'pytest passed but measured nothing ({record.name} is empty): were the tests skipped?')
     return details
@@ -239,7 +248,7 @@ def part_ddp(check: Check, deadline: float) -> List[str]:
     result_path = check.out / 'ddp.json'
     status = check.command(ddp_command(check.profile, result_path), 'ddp', deadline)
     if not result_path.exists():
-        raise PartFailed(f'ddp_step.py exit status {status} without results; see ddp.log')
+        raise PartFailed(f'ddp_step.py exit status {status} without results; see part_ddp.log')
     r = json.loads(result_path.read_text())
     details = [
         f'{r["ddp"]} over {r["world_size"]} process ({r["backend"]}), {r["precision"]}, {r["scaler"]} '
@@ -252,7 +261,8 @@ def part_ddp(check: Check, deadline: float) -> List[str]:
         f'non-finite: {", ".join(r["non_finite"]) or "none"}.',
     ]
     if status != 0 or r['failed_checks']:
-        raise PartFailed('; '.join(r['failed_checks']) or f'ddp_step.py exit status {status}; see ddp.log')
+        problem = '; '.join(r['failed_checks']) or f'ddp_step.py exit status {status}; see part_ddp.log'
+        raise PartFailed(problem, details)
     return details
 
 
@@ -277,7 +287,7 @@ def part_train(check: Check, deadline: float) -> List[str]:
         for step, expected_epochs in (('train', [0, 1]), ('resume', [0, 1, 2])):
             status = check.command(commands[step], 'train', deadline)
             if status != 0:
-                raise PartFailed(f'{step}: exit status {status}; see train.log')
+                raise PartFailed(f'{step}: exit status {status}; see part_train.log')
             epochs = summary_rows(run / 'summary.csv')
             if sorted(epochs) != expected_epochs:
                 raise PartFailed(f'{step}: summary.csv has epochs {sorted(epochs)}, not {expected_epochs}')
@@ -285,7 +295,7 @@ def part_train(check: Check, deadline: float) -> List[str]:
             raise PartFailed('the resumed run\'s train.log does not say it resumed')
         status = check.command(commands['validate'], 'train', deadline)
         if status != 0:
-            raise PartFailed(f'validate.py: exit status {status}; see train.log')
+            raise PartFailed(f'validate.py: exit status {status}; see part_train.log')
     finally:
         for name in ('train.log', 'summary.csv', 'args.yaml', 'args-resume-epoch2.yaml'):
             if (run / name).exists():
@@ -342,11 +352,15 @@ def part_benchmark(check: Check, deadline: float) -> List[str]:
     for index, argv in enumerate(commands):
         # Each run gets an equal share of what is left, so that one slow run cannot starve the others.
         share = (min(deadline, check.deadline) - time.monotonic()) / (len(commands) - index)
-        if check.command(argv, 'benchmark', deadline, limit=share) != 0:
-            failed.append(Path(argv[-1]).name)
+        try:
+            status = check.command(argv, 'benchmark', deadline, limit=share)
+            if status != 0:
+                failed.append(f'{Path(argv[-1]).name} (exit status {status})')
+        except PartTimedOut as e:
+            failed.append(f'{Path(argv[-1]).name} ({e})')
     details = benchmark_tables([Path(argv[-1]) for argv in commands])
     if failed:
-        raise PartFailed(f'benchmark.py failed for {", ".join(failed)}; see benchmark.log')
+        raise PartFailed(f'benchmark.py failed: {"; ".join(failed)}; see part_benchmark.log', details)
     return details
 
 
@@ -355,9 +369,10 @@ def benchmark_tables(paths: List[Path]) -> List[str]:
     for path in paths:
         if path.exists():
             rows += json.loads(path.read_text())['results']
-    suite = [row for row in rows if row.get('speed_vs_baseline') is not None]
-    others = [row for row in rows if row.get('speed_vs_baseline') is None]
-    return throughput_table(others) + [''] + comparison_table(suite) if suite else throughput_table(others)
+    suite = [row for row in rows if 'paper_img_per_sec' in row]  # a --suite run's rows
+    others = [row for row in rows if 'paper_img_per_sec' not in row]
+    lines = throughput_table(others) + fast_vs_reference(others)
+    return lines + [''] + comparison_table(suite) if suite else lines
 
 
 def entry_name(row: dict) -> str:
@@ -381,6 +396,14 @@ def throughput_table(rows: List[dict]) -> List[str]:
     for name in names:
         lines.append(f'| {name} | ' + ' | '.join(cells.get((name, column), '-') for column in columns) + ' |')
     return lines
+
+
+def fast_vs_reference(rows: List[dict]) -> List[str]:
+    """posmlp_t's speed over its reference form's: the median of their per-round ratios (--baseline)."""
+    ratios = [f'{row["mode"]} {row["dtype"]} b{row["batch_size"]} {row["speed_vs_baseline"]:.2f}x' for row in rows
+              if entry_name(row) == 'posmlp_t' and row.get('speed_vs_baseline') is not None]
+    return ['', 'posmlp_t (fast gate) vs its reference form, median of per-round ratios: ' + ', '.join(ratios) + '.'] \
+        if ratios else []
 
 
 def comparison_table(rows: List[dict]) -> List[str]:
@@ -411,6 +434,14 @@ PARTS = (
 )
 
 
+def log_tail(path: Path, lines: int = 8) -> List[str]:
+    """The last lines of a part's log, as a block for summary.md."""
+    if not path.exists():
+        return []
+    tail = [line for line in path.read_text(errors='replace').splitlines() if line.strip()][-lines:]
+    return [f'Last lines of {path.name}:', '', '```', *tail, '```'] if tail else []
+
+
 def run_part(check: Check, part: Part, results: Dict[str, PartResult]):
     start = time.monotonic()
     _logger.info(f'{part.name}: started (time limit {part.timeout:.0f} s)')
@@ -418,9 +449,9 @@ def run_part(check: Check, part: Part, results: Dict[str, PartResult]):
     try:
         details = part.run(check, start + part.timeout)
     except PartTimedOut as e:
-        status, details = 'timeout', [str(e)]
+        status, details = 'timeout', [str(e), ''] + log_tail(check.part_log(part.name))
     except PartFailed as e:
-        status, details = 'fail', [str(e)]
+        status, details = 'fail', [str(e), ''] + e.details + [''] + log_tail(check.part_log(part.name))
     except Exception as e:  # a bug of the check or an import the project broke: named, and the check goes on
         _logger.exception(f'{part.name}: {type(e).__name__}')
         status, details = 'fail', [f'{type(e).__name__}: {e} (traceback in gpu_check.log)']
@@ -448,7 +479,7 @@ def run_parts(check: Check, names: List[str]) -> Dict[str, PartResult]:
         check.stop_all()
         for thread in background:
             thread.join(timeout=30)
-    return {name: results[name] for name in names if name in results}
+    return {part.name: results[part.name] for part in PARTS if part.name in results}
 
 
 def environment_line(device: str) -> str:
@@ -518,7 +549,8 @@ def setup_logging(out: Path):
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog='tests/gpu/gpu_check.py', description=__doc__.split('\n\n')[0],
-                                     epilog=__doc__.split('\n\n', 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=__doc__.split('\n\n', 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     names = [part.name for part in PARTS]
     parser.add_argument('--parts', nargs='+', choices=names, default=names, help='the parts to run (default: all)')
     parser.add_argument('--cpu-smoke', action='store_true',
