@@ -108,13 +108,20 @@ def build(args, device: torch.device, runtime):
     return model, project.wrap_ddp(model, runtime, options), optimizer, precision, ema
 
 
-def train_and_measure(args) -> dict:
+def join_process_group(args):
+    """This process's device and its place in the group torchrun set up, as the project's Runtime."""
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
     device = torch.device(args.device)
     if device.type == 'cuda':
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        device = torch.device('cuda', local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group(backend=args.backend)
-    runtime = project.Runtime(device, dist.get_rank(), int(os.environ.get('LOCAL_RANK', 0)), dist.get_world_size())
+    return project.Runtime(device, dist.get_rank(), local_rank, dist.get_world_size())
+
+
+def train_and_measure(args) -> dict:
+    runtime = join_process_group(args)
+    device = runtime.device
     model, ddp_model, optimizer, precision, ema = build(args, device, runtime)
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
     data = coloured_images(args.steps * args.batch_size, SMOKE_KWARGS['img_size'] if args.smoke else 224)
@@ -138,23 +145,29 @@ def train_and_measure(args) -> dict:
     after = project.evaluate(model, eval_loader, runtime, precision.autocast)['loss']
     reduced = torch.ones(1, device=device)
     dist.all_reduce(reduced)
-    params = dict(model.named_parameters())
-    ema_params = dict(ema.module.named_parameters())
     return dict(
         backend=dist.get_backend(), world_size=dist.get_world_size(), device=str(device),
         ddp=type(ddp_model).__name__, scaler=type(precision.loss_scaler).__name__, precision=precision.description,
+        loss_scale=precision.loss_scaler.state_dict().get('scale') if precision.loss_scaler else None,
         eval_loss_before=before, eval_loss_after=after, epoch_losses=epoch_losses,
         updates=num_updates, expected_updates=args.epochs * math.ceil(args.steps / args.grad_accum_steps),
         no_sync_micro_steps=len(micro_steps), clip_calls=len(clipping.norms),
         max_norm_after_clipping=max((n for n in clipping.norms if math.isfinite(n)), default=float('nan')),
         finite_clip_norms=sum(math.isfinite(n) for n in clipping.norms),
-        loss_scale=precision.loss_scaler.state_dict().get('scale') if precision.loss_scaler else None,
-        params_changed=sum(not torch.equal(p, initial[n]) for n, p in params.items()), params=len(params),
+        all_reduce_of_ones=reduced.item(),
+        **parameter_changes(model, ema.module, initial),
+    )
+
+
+def parameter_changes(model, ema_model, initial: dict) -> dict:
+    params, ema_params = dict(model.named_parameters()), dict(ema_model.named_parameters())
+    return dict(
+        params=len(params),
+        params_changed=sum(not torch.equal(p, initial[n]) for n, p in params.items()),
         ema_changed=sum(not torch.equal(p, initial[n]) for n, p in ema_params.items()),
         ema_differs_from_live=sum(not torch.equal(p, params[n]) for n, p in ema_params.items()),
-        non_finite=[n for n, p in list(params.items()) + [('ema.' + k, v) for k, v in ema_params.items()]
-                    if not torch.isfinite(p).all()],
-        all_reduce_of_ones=reduced.item(),
+        non_finite=[n for n, p in params.items() if not torch.isfinite(p).all()]
+        + [f'ema.{n}' for n, p in ema_params.items() if not torch.isfinite(p).all()],
     )
 
 

@@ -51,6 +51,7 @@ REFERENCE_GATE = 'posmlp_t gate_impl=reference'
 BENCHMARK_MODELS = ('posmlp_t', REFERENCE_GATE, 'gmlp_s16_224', 'resmlp_24_224', 'swin_tiny_patch4_window7_224',
                     'convnext_tiny')
 TRAIN_EXPERIMENT = 'posmlp_t'
+BENCHMARK_RESERVE = 40  # seconds kept for each benchmark run still to come
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +63,7 @@ class Profile:
     image_long_side: int
     train_options: tuple  # beyond the recipe, the epochs and the output
     batch_size: int
-    workers: int
+    loader_options: tuple  # train.py's and validate.py's
     ddp_options: tuple
     benchmark_runs: tuple  # (results file name, benchmark.py options)
 
@@ -81,7 +82,7 @@ def gpu_profile() -> Profile:
                  ('--suite', 'comparison', '--model', *BENCHMARK_MODELS[-2:], '--bench', 'inference', '-b', '32',
                   '--amp-dtype', 'float16', '--steps', '10', *timing)))
     return Profile(device='cuda', train_images=256, val_images=64, image_long_side=320,
-                   train_options=('--max-steps-per-epoch', '3'), batch_size=64, workers=8,
+                   train_options=('--max-steps-per-epoch', '3'), batch_size=64, loader_options=('-j', '8'),
                    ddp_options=('--device', 'cuda', '--backend', 'nccl'),
                    benchmark_runs=tuple((name, ('--device', 'cuda', *options)) for name, options in runs))
 
@@ -91,7 +92,8 @@ def smoke_profile() -> Profile:
     from conftest import TINY_MODEL_ARGS  # --model-kwargs for a 32 px model of a few thousand parameters
     return Profile(device='cpu', train_images=32, val_images=16, image_long_side=48,
                    train_options=('--img-size', '32', *TINY_MODEL_ARGS, '--max-steps-per-epoch', '2', '--threads', '1'),
-                   batch_size=8, workers=0, ddp_options=('--device', 'cpu', '--backend', 'gloo', '--smoke'),
+                   # timm's prefetcher, as on CUDA: uint8 batches, mixup in the collate, normalised after.
+                   batch_size=8, loader_options=('-j', '0', '--prefetcher'), ddp_options=('--device', 'cpu', '--backend', 'gloo', '--smoke'),
                    benchmark_runs=(('benchmark_smoke.json',
                                     ('--device', 'cpu', '--model', *BENCHMARK_MODELS[:2], '--baseline', REFERENCE_GATE,
                                      *TINY_MODEL_ARGS, '-b', '2', '--warmup', '0', '--repeats', '2', '--steps', '1',
@@ -321,7 +323,7 @@ def compare_validation(row: dict, validated: dict) -> List[str]:
 
 def train_commands(profile: Profile, data: Path, output: Path, kept: Path) -> Dict[str, List[str]]:
     checkpoint = str(output / TRAIN_EXPERIMENT / 'last.pth.tar')
-    device, loading = ['--device', profile.device], ['-j', str(profile.workers)]
+    device, loading = ['--device', profile.device], list(profile.loader_options)
     return {
         'train': ['bash', 'distributed_train.sh', '1', str(data), '-c', 'configs/posmlp_t.yaml', '--epochs', '2',
                   '--cooldown-epochs', '0', '--warmup-epochs', '1', '-b', str(profile.batch_size), *loading,
@@ -350,10 +352,10 @@ def part_benchmark(check: Check, deadline: float) -> List[str]:
     failed = []
     commands = benchmark_commands(check.profile, check.out)
     for index, argv in enumerate(commands):
-        # Each run gets an equal share of what is left, so that one slow run cannot starve the others.
-        share = (min(deadline, check.deadline) - time.monotonic()) / (len(commands) - index)
+        # A slow run may take what is left but BENCHMARK_RESERVE seconds for each run after it.
+        limit = min(deadline, check.deadline) - time.monotonic() - BENCHMARK_RESERVE * (len(commands) - index - 1)
         try:
-            status = check.command(argv, 'benchmark', deadline, limit=share)
+            status = check.command(argv, 'benchmark', deadline, limit=max(limit, BENCHMARK_RESERVE))
             if status != 0:
                 failed.append(f'{Path(argv[-1]).name} (exit status {status})')
         except PartTimedOut as e:
