@@ -20,6 +20,8 @@ import sys
 import types
 from pathlib import Path
 
+import project  # first: it runs the hub client offline before timm loads it
+
 import timm
 import timm.utils.cuda
 import torch
@@ -27,10 +29,6 @@ import torch.distributed as dist
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, TensorDataset
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for check_setup's conftest
-import project  # noqa: E402
-from check_setup import SMOKE_KWARGS  # noqa: E402
 
 CLASSES = 4
 
@@ -96,10 +94,18 @@ def count_calls(owner, name: str) -> list:
     return calls
 
 
+def smoke_kwargs(args) -> dict:
+    """The smoke run's tiny model arguments (none for the real run, which so needs no pytest)."""
+    if not args.smoke:
+        return {}
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for check_setup's conftest
+    from check_setup import SMOKE_KWARGS
+    return dict(SMOKE_KWARGS)
+
+
 def build(args, device: torch.device, runtime):
     torch.manual_seed(0)
-    kwargs = dict(SMOKE_KWARGS) if args.smoke else {}
-    model = timm.create_model('posmlp_t', num_classes=CLASSES, **kwargs).to(device)
+    model = timm.create_model('posmlp_t', num_classes=CLASSES, **smoke_kwargs(args)).to(device)
     optimizer = create_optimizer_v2(model, 'adamw', lr=args.lr, weight_decay=0.05)
     model, optimizer, precision = project.resolve_precision(
         device, amp=True, amp_dtype=args.amp_dtype, model=model, optimizer=optimizer)
@@ -124,7 +130,7 @@ def train_and_measure(args) -> dict:
     device = runtime.device
     model, ddp_model, optimizer, precision, ema = build(args, device, runtime)
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
-    data = coloured_images(args.steps * args.batch_size, SMOKE_KWARGS['img_size'] if args.smoke else 224)
+    data = coloured_images(args.steps * args.batch_size, smoke_kwargs(args).get('img_size', 224))
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, drop_last=True,
                         pin_memory=device.type == 'cuda', generator=torch.Generator().manual_seed(0))
     eval_loader = DataLoader(data, batch_size=args.batch_size)

@@ -491,9 +491,13 @@ def environment_line(device: str) -> str:
         where = f'{torch.cuda.get_device_name()} ({torch.cuda.device_count()} visible), CUDA {torch.version.cuda}'
     else:
         where = f'CPU ({os.cpu_count()} cores)'
-    commit = subprocess.run(['git', 'describe', '--always', '--dirty'], cwd=ROOT, capture_output=True, text=True)
+    try:
+        commit = subprocess.run(['git', 'describe', '--always', '--dirty'], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:  # no git here
+        commit = ''
     return (f'{where}; torch {torch.__version__}, timm {timm.__version__}, Python {sys.version.split()[0]}; '
-            f'commit {commit.stdout.strip() or "unknown"}')
+            f'commit {commit or "unknown"}')
 
 
 def write_summary(check: Check, results: Dict[str, PartResult], argv: List[str], started: str, seconds: float):
@@ -601,7 +605,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     start = time.monotonic()
     if not args.cpu_smoke:
         save_nvidia_smi(out / 'nvidia-smi.txt')
-    with tempfile.TemporaryDirectory(prefix='gpu_check_work_') as work:
+    with tempfile.TemporaryDirectory(prefix='gpu_check_work_', ignore_cleanup_errors=True) as work:
         check = Check(profile, out, Path(work), args.time_limit)
         results = run_parts(check, args.parts)
     write_summary(check, results, argv, started, time.monotonic() - start)

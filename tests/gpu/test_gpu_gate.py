@@ -7,6 +7,8 @@ cached maps, and the fused model. Tolerances: check_setup.TOLERANCES.
 import contextlib
 import copy
 
+import project  # noqa: F401  (first: it runs the hub client offline before timm loads it)
+
 import pytest
 import timm
 import torch
