@@ -293,8 +293,7 @@ def part_train(check: Check, deadline: float) -> List[str]:
             epochs = summary_rows(run / 'summary.csv')
             if sorted(epochs) != expected_epochs:
                 raise PartFailed(f'{step}: summary.csv has epochs {sorted(epochs)}, not {expected_epochs}')
-        if 'Resuming' not in (run / 'train.log').read_text():
-            raise PartFailed('the resumed run\'s train.log does not say it resumed')
+        settings = training_settings((run / 'train.log').read_text(), check.profile.device)
         status = check.command(commands['validate'], 'train', deadline)
         if status != 0:
             raise PartFailed(f'validate.py: exit status {status}; see part_train.log')
@@ -302,7 +301,18 @@ def part_train(check: Check, deadline: float) -> List[str]:
         for name in ('train.log', 'summary.csv', 'args.yaml', 'args-resume-epoch2.yaml'):
             if (run / name).exists():
                 shutil.copy(run / name, kept / name)
-    return compare_validation(epochs[2], json.loads((kept / 'validate.json').read_text())['results'][0])
+    return settings + compare_validation(epochs[2], json.loads((kept / 'validate.json').read_text())['results'][0])
+
+
+def training_settings(log: str, device: str) -> List[str]:
+    """The data path and precision train.log reports; on CUDA, timm's GPU defaults must be on."""
+    wanted = ['Resuming', 'timm prefetcher'] + (['pinned memory', 'native AMP (float16)'] if device == 'cuda' else [])
+    missing = [text for text in wanted if text not in log]
+    if missing:
+        raise PartFailed(f'train.log lacks {", ".join(repr(text) for text in missing)}; see train_run/train.log')
+    lines = log.splitlines()
+    return [next(line.split('] ', 1)[-1].rstrip('.') for line in lines if marker in line) + '.'
+            for marker in ('Loading: ', 'Precision: ')] + ['']
 
 
 def compare_validation(row: dict, validated: dict) -> List[str]:
