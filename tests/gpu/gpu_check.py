@@ -156,6 +156,9 @@ class Check:
             except subprocess.TimeoutExpired:
                 stop(process)
                 raise PartTimedOut(f'{shlex.join(argv[:4])} ... stopped after {timeout:.0f} s') from None
+            except KeyboardInterrupt:
+                stop(process)
+                raise
             finally:
                 with self.lock:
                     self.running.discard(process)
@@ -511,12 +514,14 @@ def environment_line(device: str) -> str:
             f'commit {commit or "unknown"}')
 
 
-def write_summary(check: Check, results: Dict[str, PartResult], argv: List[str], started: str, seconds: float):
+def write_summary(check: Check, results: Dict[str, PartResult], argv: List[str], started: str, seconds: float,
+                  names: List[str]):
     lines = [f'# GPU check {started}', '',
              f'`{shlex.join(["python3", "tests/gpu/gpu_check.py", *argv])}`: {seconds / 60:.1f} min. '
              + environment_line(check.profile.device), '',
              '| part | result | time |', '|---|---|---|']
     lines += [f'| {r.name} | {r.status} | {r.seconds:.0f} s |' for r in results.values()]
+    lines += [f'| {name} | interrupted | - |' for name in names if name not in results]
     for result in results.values():
         lines += ['', f'## {result.name}: {result.status}', ''] + result.details
     (check.out / 'summary.md').write_text('\n'.join(lines) + '\n')
@@ -619,7 +624,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix='gpu_check_work_', ignore_cleanup_errors=True) as work:
         check = Check(profile, out, Path(work), args.time_limit)
         results = run_parts(check, args.parts)
-    write_summary(check, results, argv, started, time.monotonic() - start)
+    write_summary(check, results, argv, started, time.monotonic() - start, args.parts)
     for result in results.values():
         print(f'{result.name}: {result.status} ({result.seconds:.0f} s)'
               + (f': {result.details[0]}' if result.status != 'pass' and result.details else ''))
