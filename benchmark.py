@@ -24,10 +24,10 @@ from timm.utils import ParseKwargs
 
 from utils.amp import DEFAULT_AMP_DTYPE
 from utils.benchmarking import (
-    MODES, BenchmarkError, Entry, RunConfig, Task, add_speed_vs_baseline, file_rows, import_modules, parse_entry,
+    MODES, Entry, RunConfig, Task, add_speed_vs_baseline, file_rows, import_modules, parse_entry,
     table_lines, time_tasks,
 )
-from utils.data import DataError
+from utils.errors import BenchmarkError, DataError
 from utils.distributed import default_device, device_problem
 from utils.loader_benchmark import loader_table_lines, time_loaders, write_sample_jpegs
 from utils.names import model_name_problem

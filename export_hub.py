@@ -26,10 +26,11 @@ import yaml
 from timm.models import get_pretrained_cfg, save_for_hf
 
 import models
-from models import CheckpointError, LoadedCheckpoint
+from models import LoadedCheckpoint
 from models.checkpoint import PROCESS_UMASK
 from utils.args import DefaultsHelpFormatter, add_weights_choice
 from utils.distributed import run_script
+from utils.errors import CheckpointError
 from utils.outputs import ARGS_FILE, SUMMARY_FILE, setup_logging
 
 _logger = logging.getLogger('export_hub')

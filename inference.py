@@ -29,11 +29,11 @@ from timm.data import CustomDatasetInfo, DatasetInfoLabelMapper, ImageNetInfo, i
 from timm.utils import ParseKwargs, reparameterize_model
 
 import models
-from models import CheckpointError
 from utils.amp import resolve_precision
-from utils.args import DefaultsHelpFormatter, OptionError, add_loader_options, add_weights_choice
-from utils.data import DataError, resolve_input_config, unreadable_count
+from utils.args import DefaultsHelpFormatter, add_loader_options, add_weights_choice
+from utils.data import resolve_input_config, unreadable_count
 from utils.distributed import device_problem, init_runtime, run_script
+from utils.errors import CheckpointError, DataError, OptionError
 from utils.image_list import image_list_dataset
 from utils.loaders import build_eval_loader, loader_options
 from utils.outputs import setup_logging, write_atomically

@@ -29,10 +29,10 @@ import torch
 from timm.utils import ParseKwargs, reparameterize_model
 
 import models
-from models import CheckpointError
-from utils.args import DefaultsHelpFormatter, OptionError, add_weights_choice
+from utils.args import DefaultsHelpFormatter, add_weights_choice
 from utils.data import resolve_input_config
 from utils.distributed import run_script
+from utils.errors import CheckpointError, OptionError
 from utils.outputs import setup_logging
 
 _logger = logging.getLogger('onnx_export')

@@ -26,21 +26,21 @@ from timm.utils import ModelEmaV3, distribute_bn, random_seed
 from torch.nn.parallel import DistributedDataParallel
 
 import models
-from models import CheckpointError
 from utils.amp import resolve_precision, use_tf32_and_cudnn_benchmark
-from utils.args import OptionError, parse_train_args, plain_args, write_args_yaml
+from utils.args import parse_train_args, plain_args, write_args_yaml
 from utils.checkpointing import (
     CheckpointKeeper, remove_stale_temporaries, resume_point, resume_training, training_state,
 )
 from utils.data import (
-    DataError, class_to_idx, create_training_datasets, resolve_input_config, resolve_num_classes, unreadable_count,
+    class_to_idx, create_training_datasets, resolve_input_config, resolve_num_classes, unreadable_count,
 )
 from utils.digits import prepare_digits
 from utils.distributed import barrier, from_primary, init_runtime, run_script
-from utils.engine import NonFiniteLossError, TrainSettings, evaluate, train_one_epoch, updates_per_epoch
+from utils.engine import TrainSettings, evaluate, train_one_epoch, updates_per_epoch
+from utils.errors import CheckpointError, DataError, NonFiniteLossError, OptionError, OutputError
 from utils.loaders import build_eval_loader, build_train_loader, loader_options, mixup_arguments, stop_mixing
 from utils.outputs import (
-    LOG_FILE, SUMMARY_FILE, OutputError, WandbLogger, append_summary, args_yaml_path, claim_run_folder,
+    LOG_FILE, SUMMARY_FILE, WandbLogger, append_summary, args_yaml_path, claim_run_folder,
     format_metrics, setup_logging, summary_row, supersede_summary_rows, writing,
 )
 

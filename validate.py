@@ -26,21 +26,21 @@ from timm.data.readers.class_map import load_class_map
 from timm.utils import ParseKwargs
 
 import models
-from models import CheckpointError
 from utils.amp import resolve_precision, use_tf32_and_cudnn_benchmark
 from utils.args import (
-    INTERPOLATIONS, DefaultsHelpFormatter, OptionError, add_loader_options, add_torchcompile_options,
+    INTERPOLATIONS, DefaultsHelpFormatter, add_loader_options, add_torchcompile_options,
     add_weights_choice, check_integer_minimums, check_number_ranges, check_torchcompile, resolve_data_root,
 )
 from utils.data import (
-    DataError, class_folder_names, class_to_idx, create_split_dataset, evaluation_folder, num_classes_of,
+    class_folder_names, class_to_idx, create_split_dataset, evaluation_folder, num_classes_of,
     resolve_input_config, unreadable_count,
 )
 from utils.distributed import device_problem, init_runtime, run_script
 from utils.engine import evaluate
+from utils.errors import CheckpointError, DataError, OptionError, OutputError
 from utils.loaders import build_eval_loader, loader_options
 from utils.names import model_name_problem
-from utils.outputs import OutputError, setup_logging, writing
+from utils.outputs import setup_logging, writing
 from utils.results import command_line, results_format, run_environment, write_results
 
 _logger = logging.getLogger('validate')

@@ -28,6 +28,8 @@ from timm.layers import to_2tuple
 from timm.models._builder import pretrained_cfg_for_features
 from torch import nn
 
+from utils.errors import CheckpointError
+
 from . import eamlp, vip
 from .posmlp import VARIANT_EMBED_DIMS, PosMLP, checkpoint_filter_fn
 
@@ -50,9 +52,6 @@ __all__ = [
     'select_state_dict',
 ]
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unsafe, or does not fit the model."""
 
 
 def load_checkpoint_file(path: str, mmap: bool = False) -> Any:

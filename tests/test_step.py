@@ -18,6 +18,7 @@ import validate
 from utils import amp, engine
 from utils.args import parse_train_args
 from utils.distributed import Runtime
+from utils.errors import NonFiniteLossError
 
 CPU = Runtime(torch.device('cpu'))
 
@@ -100,16 +101,16 @@ def test_the_losses_are_read_at_the_log_interval_not_every_step(monkeypatch):
 
 def test_a_non_finite_loss_stops_at_the_next_check_naming_the_steps_since_the_last_one():
     events = []
-    with pytest.raises(engine.NonFiniteLossError) as error:
+    with pytest.raises(NonFiniteLossError) as error:
         run_epoch(8, events, poison={4: float('nan')}, log_interval=4)
     # Checked after steps 1, 5 and 8: the NaN of step 4 is found at step 5, and nothing after it runs.
     assert 'the loss became nan in epoch 0, at one of steps 2-5 (those since the last check) of 8' in str(error.value)
     assert 'updates up to step 5 may have been applied' in str(error.value)
     assert events.count('forward') == 5
 
-    with pytest.raises(engine.NonFiniteLossError, match=r'became inf in epoch 0, at one of steps 6-8 \('):
+    with pytest.raises(NonFiniteLossError, match=r'became inf in epoch 0, at one of steps 6-8 \('):
         run_epoch(8, [], poison={8: float('inf')}, log_interval=4)
-    with pytest.raises(engine.NonFiniteLossError, match='became inf in epoch 0, at step 3 of 8, on at least one'):
+    with pytest.raises(NonFiniteLossError, match='became inf in epoch 0, at step 3 of 8, on at least one'):
         run_epoch(8, [], poison={3: float('inf')}, log_interval=1)
 
 

@@ -23,10 +23,11 @@ from conftest import ROOT, TINY_KWARGS, TINY_MODEL_ARGS, make_image_folder, refe
 import train
 import validate
 from models import CheckpointError
-from utils.args import OptionError, parse_train_args
+from utils.args import parse_train_args
 from utils import engine, outputs
 from utils.checkpointing import CheckpointKeeper, resume_training, training_state
 from utils.distributed import Runtime
+from utils.errors import OptionError
 from utils.outputs import append_summary, claim_run_folder, run_folder_conflict, supersede_summary_rows
 
 FAST = ['-b', '4', '-j', '0', '--threads', '1', '--warmup-epochs', '0', '--cooldown-epochs', '0', '--log-interval', '1']

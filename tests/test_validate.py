@@ -19,7 +19,8 @@ import models
 import train
 import validate
 from utils.amp import resolve_precision
-from utils.data import DataError, create_eval_transform, create_training_datasets, resolve_input_config
+from utils.data import create_eval_transform, create_training_datasets, resolve_input_config
+from utils.errors import DataError
 
 
 pytestmark = pytest.mark.usefixtures('in_process_run')

@@ -34,7 +34,7 @@ import utils.offline  # noqa: F401  (first: the hub client reads its switches wh
 
 import yaml
 
-from utils.data import DataError
+from utils.errors import AblationError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 GATES = ('gqpe', 'lrpe', 'sgu')
@@ -44,9 +44,6 @@ RUN_RECORD = 'ablation_run.json'  # inside a run folder: the settings it ran wit
 RESULT_FIELDS = ('run', 'gate', 'regime', 'seed', 'train_images', 'epochs', 'params', 'final_top1', 'best_top1',
                  'best_epoch', 'final_eval_loss', 'seconds')
 
-
-class AblationError(RuntimeError):
-    """The ablation cannot go on; the message names the problem and the fix."""
 
 
 @dataclass

@@ -19,14 +19,11 @@ from timm.optim import get_optimizer_info
 from timm.utils import ParseKwargs
 
 import models  # noqa: F401  (registers the PosMLP models with timm)
-from models import CheckpointError
 from models.checkpoint import WEIGHT_SOURCE_ARGS, atomic_file, recorded_model_kwargs
 from .checkpointing import read_resumable
+from .errors import CheckpointError
 from .names import model_name_problem
 
-
-class OptionError(ValueError):
-    """Options that cannot work together or with this machine; the message says what to change."""
 
 
 # args.yaml names the config its run was made from; a config does not chain to another.

@@ -19,10 +19,10 @@ from PIL import Image
 from timm.data import create_dataset, create_transform, resolve_data_config
 from torch.utils.data import Dataset
 
-from .args import OptionError
 from .augmentation import use_exact_posterize
 from .distributed import Runtime
-from .images import ClassFolderError, ClassFolderReader, find_class_folders, log_class_folders, read_rgb
+from .errors import ClassFolderError, DataError, OptionError, TransformError
+from .images import ClassFolderReader, find_class_folders, log_class_folders, read_rgb
 
 _logger = logging.getLogger(__name__)
 
@@ -33,12 +33,6 @@ LAYOUT = ('one folder per split, each with one folder of images per class, e.g. 
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-class DataError(RuntimeError):
-    """The data cannot be used as given; the message names the problem and the fix."""
-
-
-class TransformError(RuntimeError):
-    """A transform failed on a readable image: a bug (of this project or timm), reported with its traceback."""
 
 
 def failing_operation(error: BaseException) -> str:

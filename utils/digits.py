@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from models.checkpoint import PROCESS_UMASK
-from .data import DataError
+from .errors import DataError
 
 _logger = logging.getLogger(__name__)
 

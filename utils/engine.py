@@ -16,14 +16,12 @@ import torch
 import torch.nn.functional as F
 from timm.utils import AverageMeter, dispatch_clip_grad
 
-from .data import DataError, check_unreadable
+from .data import check_unreadable
 from .distributed import Runtime, sum_over_processes
+from .errors import DataError, NonFiniteLossError
 
 _logger = logging.getLogger(__name__)
 
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss."""
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 from timm.utils import FormatterNoInfo
 
 from models.checkpoint import atomic_file
-from .args import OptionError
+from .errors import OptionError, OutputError
 from .checkpointing import free_path, newest_checkpoint, superseded_path
 
 _logger = logging.getLogger(__name__)
@@ -26,10 +26,6 @@ METRIC_NAMES = ('loss', 'top1', 'top5')
 # What a run leaves in its folder that another run would overwrite or mix with its own.
 RUN_FILE_PATTERNS = ('last.pth.tar', SUMMARY_FILE, 'checkpoint-*.pth.tar')
 
-
-class OutputError(RuntimeError):
-    """A file of the run (or validate.py's results file) that cannot be written; the message names it, why, and
-    what to do."""
 
 
 # What to do about a file that cannot be written, by the error's errno; {option} names where the file goes.

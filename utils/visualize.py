@@ -29,9 +29,10 @@ import torch
 
 import models
 from models.posmlp import GQPE, PoSGU, SGU
+from utils.errors import CheckpointError, VisualizeError
 
 __all__ = [
-    'VisualizeError', 'TokenMaps', 'require_pyplot', 'parse_block', 'parse_token', 'block_token_maps',
+    'TokenMaps', 'require_pyplot', 'parse_block', 'parse_token', 'block_token_maps',
     'draw_token_maps', 'read_summary', 'draw_curves', 'main',
 ]
 
@@ -42,9 +43,6 @@ SERIES_STYLES = {'train': '-', 'eval': '--', 'ema': ':'}
 METRIC_TITLES = {'loss': 'loss', 'top1': 'top-1 (%)', 'top5': 'top-5 (%)'}
 MAX_GROUP_COLUMNS = 8
 
-
-class VisualizeError(ValueError):
-    """Input that cannot be drawn; the message names the problem and the fix."""
 
 
 def require_pyplot():
@@ -304,7 +302,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             out = draw_token_maps(args.checkpoint, args.blocks, args.out, args.token, args.use_ema, args.title)
         else:
             out = draw_curves(args.summaries, args.out, args.labels, args.metrics, args.series, args.title)
-    except (VisualizeError, models.CheckpointError) as e:
+    except (VisualizeError, CheckpointError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
     print(f'wrote {out}')

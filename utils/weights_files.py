@@ -12,8 +12,9 @@ import os
 from typing import Optional, Tuple
 
 import models
-from models import CheckpointError, LoadedCheckpoint
+from models import LoadedCheckpoint
 from models.checkpoint import SAFETENSORS_SUFFIX
+from .errors import CheckpointError
 
 # The training options that set the evaluation input (size, crop, resize filter, normalisation): a weights
 # file keeps these of the run's options, so it is evaluated as it was trained; paths and the recipe stay behind.
