@@ -11,7 +11,6 @@ run's summary.csv beside it) and the run's options as `args.yaml`. Load it with
 the checkpoint has them (--no-use-ema for the live ones).
 """
 import argparse
-import csv
 import json
 import logging
 import os
@@ -28,10 +27,11 @@ from timm.models import get_pretrained_cfg, save_for_hf
 import models
 from models import LoadedCheckpoint
 from models.checkpoint import PROCESS_UMASK
-from utils.args import DefaultsHelpFormatter, add_weights_choice
+from utils.args import DefaultsHelpFormatter
 from utils.distributed import run_script
 from utils.errors import CheckpointError
-from utils.outputs import ARGS_FILE, SUMMARY_FILE, setup_logging
+from utils.outputs import ARGS_FILE, SUMMARY_FILE, read_summary_rows, setup_logging
+from utils.weights_choice import add_weights_choice, is_ema
 
 _logger = logging.getLogger('export_hub')
 
@@ -81,16 +81,8 @@ def correct_config(folder: str, model_name: str):
         json.dump(config, f, indent=2)
 
 
-def summary_rows(checkpoint_path: str) -> List[dict]:
-    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), SUMMARY_FILE)
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline='') as f:
-        return list(csv.DictReader(f))
-
-
 def metrics_section(loaded: LoadedCheckpoint, rows: List[dict]) -> List[str]:
-    prefix = 'ema' if loaded.weights in ('state_dict_ema', 'model_ema') else 'eval'
+    prefix = 'ema' if is_ema(loaded.weights) else 'eval'
     which = 'EMA' if prefix == 'ema' else 'live (non-EMA)'
     lines = ['## Metrics', '', f'These are the {which} weights of epoch {loaded.epoch}.']
     row = next((r for r in rows if loaded.epoch is not None and int(float(r['epoch'])) == loaded.epoch), None)
@@ -177,7 +169,8 @@ def write_folder(folder: str, loaded: LoadedCheckpoint, model, output: str):
     save_for_hf(model, folder, model_config=dict(label_names=names) if names else None, safe_serialization=True)
     correct_config(folder, model.pretrained_cfg['architecture'])
     with open(os.path.join(folder, 'README.md'), 'w') as f:
-        f.write(model_card(loaded, model, output, summary_rows(loaded.path)))
+        rows = read_summary_rows(os.path.join(os.path.dirname(os.path.abspath(loaded.path)), SUMMARY_FILE))
+        f.write(model_card(loaded, model, output, rows))
     if loaded.args:
         with open(os.path.join(folder, ARGS_FILE), 'w') as f:
             yaml.safe_dump(plain(loaded.args), f, sort_keys=False)

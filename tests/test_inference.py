@@ -122,7 +122,7 @@ def test_bad_options_are_named(tmp_path, capsys, monkeypatch):
     base = [str(tmp_path), '--checkpoint', 'x.pth.tar']
     with pytest.raises(SystemExit):
         inference.main([*base, '--topk', '0'])
-    assert '--topk must be 1 or more' in capsys.readouterr().err
+    assert 'argument --topk: must be 1 or more, not 0' in capsys.readouterr().err
     monkeypatch.setitem(__import__('sys').modules, 'pyarrow', None)  # as if pyarrow were not installed
     with pytest.raises(SystemExit):
         inference.main([*base, '--results-format', 'parquet'])

@@ -4,7 +4,7 @@ import pytest
 import benchmark
 import validate
 from utils.args import parse_train_args
-from utils.names import model_name_problem
+from utils.option_checks import model_name_problem
 
 SUGGESTION = 'posmlp_tt: no such model; did you mean posmlp_t'
 

@@ -15,7 +15,7 @@ from conftest import ROOT, TINY_MODEL_ARGS, make_image_folder, script_env
 
 import train
 import validate
-from utils import amp, engine
+from utils import amp, engine, recipe
 from utils.args import parse_train_args
 from utils.distributed import Runtime
 from utils.errors import NonFiniteLossError
@@ -189,7 +189,7 @@ def test_ddp_broadcasts_buffers_only_with_ddp_bb(tmp_path, argv, broadcast):
     args = parse_train_args(['data', *argv])
     dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
     try:
-        model = train.wrap_ddp(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)), CPU, args)
+        model = recipe.wrap_ddp(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)), CPU, args)
         assert model.broadcast_buffers is broadcast
     finally:
         dist.destroy_process_group()
@@ -199,7 +199,7 @@ def test_dist_bn_off_without_buffer_broadcasting_is_named(tmp_path, caplog):
     args = parse_train_args(['data', '--dist-bn', ''])
     dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
     try:
-        train.wrap_ddp(torch.nn.Linear(2, 2), CPU, args)
+        recipe.wrap_ddp(torch.nn.Linear(2, 2), CPU, args)
     finally:
         dist.destroy_process_group()
     assert "--dist-bn '' without --ddp-bb: each process keeps BatchNorm statistics of its own data" in caplog.text

@@ -11,14 +11,18 @@ a transform is a bug, not a bad image: it stops the run naming the image and the
 import logging
 import multiprocessing
 import os
-from typing import Optional, Tuple
+import pickle
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from PIL import Image
 from timm.data import create_dataset, create_transform, resolve_data_config
+from timm.data.readers.class_map import load_class_map
 from torch.utils.data import Dataset
 
+from models import LoadedCheckpoint
+from models.checkpoint import INPUT_OPTIONS
 from .augmentation import use_exact_posterize
 from .distributed import Runtime
 from .errors import ClassFolderError, DataError, OptionError, TransformError
@@ -245,6 +249,28 @@ def num_classes_of(dataset: Dataset) -> int:
     raise DataError('cannot tell how many classes the dataset has; pass --num-classes.')
 
 
+def wanted_class_map(class_map_file: str, checkpoint: LoadedCheckpoint) -> Tuple[Optional[Dict[str, int]], str]:
+    """(class name -> label, where it came from): timm's class map in `class_map_file`, else the `class_to_idx`
+    the checkpoint stores, else (None, ''). A map whose labels are not whole numbers from 0 is refused."""
+    if class_map_file:
+        try:
+            class_map, source = load_class_map(class_map_file), f'--class-map {class_map_file}'
+        except (AssertionError, ValueError, OSError, pickle.UnpicklingError) as e:
+            raise DataError(f'--class-map {class_map_file}: {e}. Give a .txt file with one class name a line, '
+                            f'in label order.') from None
+    elif checkpoint.class_to_idx is not None:
+        class_map, source = checkpoint.class_to_idx, f'the class_to_idx of {checkpoint.path}'
+    else:
+        return None, ''
+    wrong = [label for label in class_map.values()
+             if isinstance(label, bool) or not isinstance(label, int) or label < 0]
+    if wrong:
+        raise DataError(f'{source} is not a class map: its labels must be whole numbers from 0, not {wrong[0]!r}. '
+                        f'Give the class map of the training data as --class-map FILE (one class name a line, in '
+                        f'label order).')
+    return dict(class_map), source
+
+
 def class_folder_names(split_dir: str) -> list:
     return [e.name for e in os.scandir(split_dir) if e.is_dir()]
 
@@ -280,6 +306,16 @@ def check_unreadable(dataset: Dataset, runtime: Runtime):
 
 def unreadable_count(dataset: Dataset) -> int:
     return dataset.num_bad if isinstance(dataset, UnreadableImageSkipper) else 0
+
+
+def given_input_options(args) -> dict:
+    """The input options (INPUT_OPTIONS) a script was given, of those it has."""
+    return {k: getattr(args, k) for k in INPUT_OPTIONS if getattr(args, k, None) is not None}
+
+
+def recorded_input_options(recorded_args: dict) -> dict:
+    """The input options (INPUT_OPTIONS) a checkpoint records of its training run, where set."""
+    return {k: recorded_args[k] for k in INPUT_OPTIONS if recorded_args.get(k) not in (None, '')}
 
 
 def resolve_input_config(options: dict, model: torch.nn.Module) -> dict:

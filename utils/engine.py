@@ -1,4 +1,4 @@
-"""The epoch loops: `train_one_epoch` and `evaluate`.
+"""The epoch loops: `train_one_epoch`, `evaluate`, and `evaluate_epoch` (the live and EMA models after an epoch).
 
 Progress goes to the log of rank 0 only. A non-finite loss stops every process at the next log line or
 at the end of the epoch, before the epoch's checkpoints are written, so the ones on disk stay the last good
@@ -10,11 +10,11 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Optional
+from typing import Callable, ContextManager, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from timm.utils import AverageMeter, dispatch_clip_grad
+from timm.utils import AverageMeter, dispatch_clip_grad, distribute_bn
 
 from .data import check_unreadable
 from .distributed import Runtime, sum_over_processes
@@ -185,8 +185,10 @@ def evaluate(model, loader, runtime: Runtime, autocast: Callable[[], ContextMana
     """Loss, top-1 and top-5 (top-k is capped at the class count) over the whole loader.
 
     Correct predictions are counted, not averaged per batch, and summed over processes with the
-    sample count, so any number of processes and any batch size give the same numbers. Unreadable
-    images are left out (the loader drops them); too many stop evaluation in every process.
+    sample count, so any number of processes and any batch size give the same image count, top-1 and
+    top-5; the loss is summed in float32 per batch, so other splits agree with it to float32 rounding
+    (README, Evaluation). Unreadable images are left out (the loader drops them); too many stop
+    evaluation in every process.
     """
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # loss sum, top-1, top-5, samples
@@ -214,3 +216,18 @@ def evaluate(model, loader, runtime: Runtime, autocast: Callable[[], ContextMana
     if count == 0:
         raise DataError('the validation split has no images to evaluate.')
     return {'loss': loss_sum / count, 'top1': 100. * top1 / count, 'top5': 100. * top5 / count, 'count': int(count)}
+
+
+def evaluate_epoch(model, model_ema, loader, runtime: Runtime, autocast: Callable[[], ContextManager],
+                   channels_last: bool, dist_bn: str) -> Tuple[dict, Optional[dict]]:
+    """The metrics of the live model and, with EMA, of the EMA model, after making each one's BatchNorm
+    statistics agree over the processes (--dist-bn reduce averages them, broadcast takes process 0's)."""
+    if runtime.distributed and dist_bn:
+        distribute_bn(model, runtime.world_size, dist_bn == 'reduce')
+    eval_metrics = evaluate(model, loader, runtime, autocast, channels_last)
+    if model_ema is None:
+        return eval_metrics, None
+    # Each rank's EMA averages its own BatchNorm statistics; sync them so every rank scores one model.
+    if runtime.distributed and dist_bn:
+        distribute_bn(model_ema, runtime.world_size, dist_bn == 'reduce')
+    return eval_metrics, evaluate(model_ema.module, loader, runtime, autocast, channels_last)

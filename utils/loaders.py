@@ -30,6 +30,12 @@ class LoaderOptions:
     pin_memory: bool
     prefetcher: bool
 
+    @property
+    def description(self) -> str:
+        return (f'{self.workers} DataLoader worker(s) per process, '
+                + ('timm prefetcher (uint8 batches normalised on the device)' if self.prefetcher else 'no prefetcher')
+                + (', pinned memory' if self.pin_memory else ''))
+
 
 def loader_options(args, device: torch.device) -> LoaderOptions:
     """The loader options given, with --pin-mem and --prefetcher on by default exactly when on CUDA."""

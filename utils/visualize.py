@@ -16,7 +16,6 @@ matplotlib is an optional dependency, imported only when a figure is drawn; it r
 file-only Agg backend, so no display is needed.
 """
 import argparse
-import csv
 import math
 import os
 import sys
@@ -30,6 +29,7 @@ import torch
 import models
 from models.posmlp import GQPE, PoSGU, SGU
 from utils.errors import CheckpointError, VisualizeError
+from utils.outputs import read_summary_rows
 
 __all__ = [
     'TokenMaps', 'require_pyplot', 'parse_block', 'parse_token', 'block_token_maps',
@@ -188,8 +188,7 @@ def read_summary(path: str) -> dict:
     """A summary.csv written by train.py as {column: [values per epoch]} (floats; epoch as int)."""
     if not os.path.isfile(path):
         raise VisualizeError(f'{path} does not exist; give the summary.csv of a run (output/<run>/summary.csv).')
-    with open(path, newline='') as f:
-        rows = list(csv.DictReader(f))
+    rows = read_summary_rows(path)
     if not rows:
         raise VisualizeError(f'{path} has no epochs yet; draw curves after the run has finished an epoch.')
     missing = [c for c in ('epoch', 'train_loss', 'eval_loss', 'eval_top1') if c not in rows[0]]
