@@ -20,15 +20,18 @@ from timm.utils import ModelEmaV3, NativeScaler
 
 from conftest import ROOT, TINY_KWARGS, TINY_MODEL_ARGS, make_image_folder, reference_path, script_env
 
+import inference
 import train
 import validate
 from models import CheckpointError
-from utils.args import parse_train_args
 from utils import engine, outputs
-from utils.run_checkpoints import CheckpointKeeper, resume_training, training_state
+from utils.args import parse_train_args
+from utils.data import create_split_dataset, use_input_channels
 from utils.distributed import Runtime
 from utils.errors import OptionError
+from utils.images import read_rgb
 from utils.outputs import append_summary, claim_run_folder, run_folder_conflict, supersede_summary_rows
+from utils.run_checkpoints import CheckpointKeeper, resume_training, training_state
 
 FAST = ['-b', '4', '-j', '0', '--threads', '1', '--warmup-epochs', '0', '--cooldown-epochs', '0', '--log-interval', '1']
 SUMMARY_COLUMNS = ['epoch', 'lr', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5']
@@ -624,3 +627,29 @@ def test_short_command_line_runs(tmp_path):
                         cwd=tmp_path)
     assert 'Model posmlp_s' in result.stdout and 'configs/posmlp_s.yaml holds the paper' in result.stdout
     assert load_checkpoint(tmp_path / 'out' / 'short' / 'last.pth.tar')['model_name'] == 'posmlp_s'
+
+
+def test_a_one_channel_model_trains_and_evaluates_on_grey_images_of_rgb_folders(tmp_path, capsys):
+    """As timm's input_img_mode: images are read as grey (luma) for 1 input channel; the model's RGB mean and std
+    become their averages, in the workers' normalisation as in the prefetcher's."""
+    data = make_image_folder(tmp_path / 'data', per_class=2)
+    assert train_in_process(data, tmp_path / 'out', 'grey', '--epochs', '1', '--in-chans', '1') == 0
+    assert "'input_size': (1, 32, 32)" in capsys.readouterr().out
+    checkpoint = str(tmp_path / 'out' / 'grey' / 'last.pth.tar')
+    assert validate.main([str(data), '--checkpoint', checkpoint, '-j', '0']) == 0
+    assert inference.main([str(data / 'val'), '--checkpoint', checkpoint, '-j', '0', '--results-dir',
+                           str(tmp_path / 'predictions')]) == 0
+    dataset = create_split_dataset('', str(data / 'val'), 'validation')
+    use_input_channels(dataset, 1)
+    image, _ = dataset[0]
+    grey = read_rgb(dataset.reader.samples[0][0]).convert('L')
+    assert image.mode == 'L' and image.tobytes() == grey.tobytes()
+    with pytest.raises(OptionError, match='the input has 4 channels, but images are read as RGB'):
+        use_input_channels(dataset, 4)
+
+
+def test_a_model_that_cannot_be_built_is_one_sentence(tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'data', per_class=1)
+    assert train_in_process(data, tmp_path / 'out', 'bad', '--epochs', '1', '--model-kwargs', 'gate=nope') == 1
+    line, = [line for line in capsys.readouterr().out.splitlines() if 'ERROR' in line]
+    assert "gate='nope' is not one of ('gqpe', 'lrpe', 'sgu'). Check --model-kwargs" in line and '..' not in line

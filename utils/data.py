@@ -18,7 +18,9 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from timm.data import create_dataset, create_transform, resolve_data_config
+from timm.data.loader import adapt_to_chs
 from timm.data.readers.class_map import load_class_map
+from timm.layers import to_2tuple
 from torch.utils.data import Dataset
 
 from models import LoadedCheckpoint
@@ -120,6 +122,7 @@ class UnreadableImageSkipper(Dataset):
     def __init__(self, reader: ClassFolderReader, max_bad: int, substitute: bool):
         self.reader = reader
         self.transform = None
+        self.image_mode = 'RGB'  # see use_input_channels
         self.max_bad = max_bad
         self.substitute = substitute
         self._is_bad = multiprocessing.RawArray('b', len(self.reader))
@@ -183,6 +186,8 @@ class UnreadableImageSkipper(Dataset):
             path, target = self.reader.samples[i]
             try:
                 image = read_rgb(path)
+                if self.image_mode != 'RGB':
+                    image = image.convert(self.image_mode)
             except DECODE_ERRORS as error:
                 self._mark_bad(i, error)
                 continue
@@ -322,13 +327,38 @@ def resolve_input_config(options: dict, model: torch.nn.Module) -> dict:
     """timm's data config (input size, interpolation, crop, mean, std) for `model`.
 
     Given options win; without an input size the model's own `img_size` is used before its
-    pretrained cfg, so a model built for 32 px is fed 32 px.
+    pretrained cfg, so a model built for 32 px is fed 32 px (with the channels of its pretrained cfg, which
+    create_model_from_checkpoint gives the ones it was trained with).
     """
     options = {k: v for k, v in options.items() if v not in (None, '')}
     if 'input_size' not in options and 'img_size' not in options and hasattr(model, 'img_size'):
-        in_chans = options.get('in_chans') or 3
-        options['input_size'] = (in_chans, *model.img_size)
-    return resolve_data_config(options, model=model)
+        in_chans = options.get('in_chans') or model.pretrained_cfg.get('input_size', (3,))[0]
+        options['input_size'] = (in_chans, *to_2tuple(model.img_size))
+    config = resolve_data_config(options, model=model)
+    # A model's mean and std are its pretrained cfg's, for RGB: for other input, their average (as timm's
+    # prefetcher takes it, with a warning), in the workers' normalisation too.
+    channels = config['input_size'][0]
+    config.update(mean=adapt_to_chs(config['mean'], channels), std=adapt_to_chs(config['std'], channels))
+    return config
+
+
+# How images are read for an input of 1 or 3 channels, as timm's input_img_mode: grey (luma) or RGB.
+IMAGE_MODES = {1: 'L', 3: 'RGB'}
+
+
+def use_input_channels(dataset: Dataset, channels: int):
+    """Make `dataset` give images of the input's channel count; others than 1 or 3 are refused."""
+    mode = IMAGE_MODES.get(channels)
+    if mode is None:
+        raise OptionError(f'the input has {channels} channels, but images are read as RGB (3 channels) or grey (1); '
+                          f'give --in-chans 1 or 3 (the model\'s in_chans).')
+    if isinstance(dataset, UnreadableImageSkipper):
+        dataset.image_mode = mode
+    elif hasattr(dataset, 'input_img_mode'):  # timm's ImageDataset
+        dataset.input_img_mode = mode
+    elif mode != 'RGB':
+        raise OptionError(f'{type(dataset).__name__} gives RGB images only, and the input has 1 channel; use an '
+                          f'image folder (--dataset \'\') for grey input.')
 
 
 def create_train_transform(args, data_config: dict, prefetcher: bool = False):
