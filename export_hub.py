@@ -14,9 +14,7 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from typing import List, Optional
 
 import utils.offline  # noqa: F401  (first: the hub client reads its switches when timm imports it)
@@ -26,11 +24,10 @@ from timm.models import get_pretrained_cfg, save_for_hf
 
 import models
 from models import LoadedCheckpoint
-from models.checkpoint import PROCESS_UMASK
 from utils.args import DefaultsHelpFormatter
 from utils.distributed import run_script
 from utils.errors import CheckpointError
-from utils.outputs import ARGS_FILE, SUMMARY_FILE, read_summary_rows, setup_logging
+from utils.outputs import ARGS_FILE, SUMMARY_FILE, atomic_folder, read_summary_rows, setup_logging
 from utils.weights_choice import add_weights_choice, is_ema
 
 _logger = logging.getLogger('export_hub')
@@ -182,20 +179,8 @@ def export(args) -> str:
         raise CheckpointError(f'{output} already exists; choose a new --output folder (nothing is overwritten).')
     loaded = models.read_checkpoint(args.checkpoint, use_ema=args.use_ema)
     model = models.create_model_from_checkpoint(loaded).eval()
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    # Written whole in a hidden folder beside, then renamed: a crash leaves no half-written export.
-    partial = tempfile.mkdtemp(prefix='.partial-export-', dir=parent)
-    try:
+    with atomic_folder(output) as partial:  # a crash leaves no half-written export
         write_folder(partial, loaded, model, output)
-        # Modes as plain open()/mkdir give (mkdtemp and safetensors create them private).
-        for name in os.listdir(partial):
-            os.chmod(os.path.join(partial, name), 0o666 & ~PROCESS_UMASK)
-        os.chmod(partial, 0o777 & ~PROCESS_UMASK)
-        os.rename(partial, output)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     _logger.info(f'Exported the {loaded.weights} of {args.checkpoint} to {output}/ (config.json, model.safetensors, '
                  f'README.md{", " + ARGS_FILE if loaded.args else ""}).')
     _logger.info(f"Load it with timm.create_model('local-dir:{output}', pretrained=True) after `import models`.")

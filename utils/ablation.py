@@ -16,14 +16,12 @@ are reused unless --rerun is given. Options after `--` go to every train.py call
 """
 import argparse
 import json
-import os
 import random
 import shlex
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,7 @@ import yaml
 from utils.config import read_config
 from utils.errors import AblationError, DataError
 from utils.option_checks import Number, at_least
-from utils.outputs import read_summary_rows, write_atomically
+from utils.outputs import atomic_folder, read_summary_rows, write_atomically
 from utils.results import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,20 +90,12 @@ def build_reduced_folder(source: Path, fraction: float, seed: int, dest: Path) -
     listing = dest / SUBSET_LIST
     if listing.is_file() and listing.read_text().split() == subset and (dest / 'val').is_dir():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f'.{dest.name}-', dir=dest.parent))
-    try:
+    with atomic_folder(str(dest), replace=True) as staging:
         for relative in subset:
-            (staging / 'train' / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(train_dir / relative, staging / 'train' / relative)
-        shutil.copytree(val_dir, staging / 'val')
-        (staging / SUBSET_LIST).write_text('\n'.join(subset) + '\n')
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            (Path(staging) / 'train' / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(train_dir / relative, Path(staging) / 'train' / relative)
+        shutil.copytree(val_dir, Path(staging) / 'val')
+        (Path(staging) / SUBSET_LIST).write_text('\n'.join(subset) + '\n')
     return dest
 
 

@@ -10,13 +10,15 @@ import io
 import itertools
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from timm.utils import FormatterNoInfo
 
-from models.checkpoint import atomic_file
+from models.checkpoint import PROCESS_UMASK, TEMPORARY_PREFIX, atomic_file
 from .args import plain_args, write_args_yaml
 from .distributed import Runtime, from_primary
 from .errors import CheckpointError, OptionError, OutputError
@@ -258,6 +260,29 @@ def write_atomically(path: str, text: str):
     """Write `text` through models.atomic_file: a crash or a full disk leaves the old file or the new one."""
     with atomic_file(path, 'w', newline='', encoding='utf-8') as f:
         f.write(text)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str, replace: bool = False):
+    """A folder that becomes `path` only once it is whole, as models.atomic_file does for files: it is filled
+    hidden beside `path` (`.tmp-XXXXXXXX-<name>`), given the modes the umask gives new files and folders
+    (the temporary folder, and files safetensors writes, start private), then renamed into place; a failure
+    removes it and leaves `path` as it was. `replace` removes a folder already at `path` first."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=TEMPORARY_PREFIX, suffix=f'-{os.path.basename(path)}', dir=parent)
+    try:
+        yield staging
+        for folder, _, files in os.walk(staging):
+            os.chmod(folder, 0o777 & ~PROCESS_UMASK)
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o666 & ~PROCESS_UMASK)
+        if replace and os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _read_text(path: str) -> str:
