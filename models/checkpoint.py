@@ -52,7 +52,6 @@ __all__ = [
 ]
 
 
-
 def load_checkpoint_file(path: str, mmap: bool = False) -> Any:
     """torch.load with weights_only=True; the authors' argparse.Namespace `args` is allowed.
 

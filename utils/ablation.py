@@ -47,7 +47,6 @@ RESULT_FIELDS = ('run', 'gate', 'regime', 'seed', 'train_images', 'epochs', 'par
                  'best_epoch', 'final_eval_loss', 'seconds')
 
 
-
 @dataclass
 class Regime:
     name: str

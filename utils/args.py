@@ -415,7 +415,7 @@ def check_train_options(parser: argparse.ArgumentParser, args: argparse.Namespac
 
 
 def config_options(parser: ConfigurableParser, argv: List[str]) -> Dict[str, Any]:
-    """The options the config file `-c/--config` names sets, parsed (the positional data root as it is)."""
+    """The options that the config file named by -c/--config sets, parsed (the positional data root as it is)."""
     finder = argparse.ArgumentParser(add_help=False)
     finder.add_argument('-c', '--config', default='')
     path = finder.parse_known_args(argv)[0].config

@@ -37,7 +37,6 @@ TABLE_COLUMNS = (
 )
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """A model to time: its timm name and its own keyword arguments (`words`, as KEY=VALUE), over --model-kwargs."""

@@ -39,8 +39,6 @@ LAYOUT = ('one folder per split, each with one folder of images per class, e.g. 
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-
-
 def failing_operation(error: BaseException) -> str:
     """The innermost timm or torchvision transform on `error`'s traceback, e.g. AugmentOp(name=Posterize, ...)."""
     failing, frame = 'the transform', error.__traceback__

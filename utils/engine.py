@@ -23,7 +23,6 @@ from .errors import DataError, NonFiniteLossError
 _logger = logging.getLogger(__name__)
 
 
-
 @dataclass
 class TrainSettings:
     """How one epoch of training runs (from the command line)."""

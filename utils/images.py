@@ -46,7 +46,6 @@ TORCHVISION_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif
 TIFF_BITS_PER_SAMPLE, TIFF_SAMPLE_FORMAT, TIFF_SIGNED = 258, 339, 2
 
 
-
 def image_extensions() -> set:
     return get_img_extensions(as_set=True) | set(TORCHVISION_EXTENSIONS)
 

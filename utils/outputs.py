@@ -38,7 +38,6 @@ METRIC_NAMES = ('loss', 'top1', 'top5')
 RUN_FILE_PATTERNS = ('last.pth.tar', SUMMARY_FILE, 'checkpoint-*.pth.tar')
 
 
-
 # What to do about a file that cannot be written, by the error's errno; {option} names where the file goes.
 OUTPUT_FIXES = {
     errno.ENOSPC: 'free space on that disk, or point {option} at another',
@@ -207,9 +206,14 @@ def setup_logging(log_path: Optional[str], primary: bool):
     logging.basicConfig(level=logging.INFO if primary else logging.WARNING, handlers=handlers, force=True)
     logging.captureWarnings(True)
     if log_path:
-        for record in _held_records:
-            logging.getLogger(record.name).handle(record)
-        _held_records.clear()
+        log_held_warnings()
+
+
+def log_held_warnings():
+    """Log the warnings held while the options were read, through the handlers there are now."""
+    for record in _held_records:
+        logging.getLogger(record.name).handle(record)
+    _held_records.clear()
 
 
 @dataclass
@@ -235,6 +239,7 @@ def open_run_folder(args, runtime: Runtime) -> RunStart:
             problem = e
     folder, resumed_epoch, problem = from_primary((folder, resumed_epoch, problem), runtime)
     if problem:
+        log_held_warnings()  # to the console: there will be no run log
         raise problem
     setup_logging(os.path.join(folder, LOG_FILE), runtime.is_primary)
     _run_logger.info(f'Training on {runtime.device}, {runtime.world_size} process(es); output in {folder}')

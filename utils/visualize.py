@@ -44,7 +44,6 @@ METRIC_TITLES = {'loss': 'loss', 'top1': 'top-1 (%)', 'top5': 'top-5 (%)'}
 MAX_GROUP_COLUMNS = 8
 
 
-
 def require_pyplot():
     """matplotlib.pyplot on the Agg backend, or an error that says how to install it."""
     try:
