@@ -33,6 +33,7 @@ from utils.args import (
 )
 from utils.data import given_input_options, resolve_input_config, unreadable_count, wanted_class_map
 from utils.distributed import device_problem, init_runtime, run_script
+from utils.engine import check_input_size
 from utils.errors import CheckpointError, DataError, OptionError
 from utils.image_list import image_list_dataset
 from utils.loaders import build_eval_loader, loader_options
@@ -220,6 +221,7 @@ def infer(args):
     to_label = label_mapper(args, model, checkpoint)
     data_config = resolve_input_config(given_input_options(args), model)
     loader = build_eval_loader(dataset, data_config, args.batch_size, runtime, loader_options(args, runtime.device))
+    check_input_size(model, data_config['input_size'], runtime.device)
     _, _, precision = resolve_precision(runtime.device, amp=amp_requested(args), amp_dtype=args.amp_dtype)
     top_k = min(args.topk, model.num_classes)
     if top_k < args.topk:

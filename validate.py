@@ -33,7 +33,7 @@ from utils.data import (
     recorded_input_options, resolve_input_config, unreadable_count, wanted_class_map,
 )
 from utils.distributed import device_problem, init_runtime, run_script
-from utils.engine import evaluate
+from utils.engine import check_input_size, evaluate
 from utils.errors import CheckpointError, DataError, OptionError, OutputError
 from utils.loaders import build_eval_loader, loader_options
 from utils.option_checks import at_least, bad_image_limit, model_name_problem, thread_count
@@ -144,18 +144,6 @@ def evaluation_input(args, loaded: models.LoadedCheckpoint, model) -> dict:
             raise OptionError(f'the normalisation {name} {tuple(options[name])} has {len(options[name])} values, but '
                               f'the input has {channels} channels; give --{name} with 1 or {channels}.')
     return resolve_input_config(options, model)
-
-
-def check_input_size(model, input_size, device: torch.device):
-    """Run the model on one blank image of `input_size`, so that a size it refuses (a model with fixed windows or
-    token tables: ViP, EAMLP, PosMLP with dynamic_img_pad=False) is one line before any data is read."""
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, *input_size, device=device))
-    except ValueError as e:
-        raise OptionError(f'{model.pretrained_cfg["architecture"]} cannot take input {tuple(input_size)}: '
-                          f'{str(e).rstrip(".")}. Give --img-size (or --input-size) a size it takes, or leave it '
-                          f'out for the size the checkpoint was trained at.') from None
 
 
 def validate(args) -> dict:

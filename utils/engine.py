@@ -1,4 +1,5 @@
-"""The epoch loops: `train_one_epoch`, `evaluate`, and `evaluate_epoch` (the live and EMA models after an epoch).
+"""The epoch loops: `train_one_epoch`, `evaluate`, and `evaluate_epoch` (the live and EMA models after an epoch);
+and `check_input_size`, a model's one forward before evaluation.
 
 Progress goes to the log of rank 0 only. A non-finite loss stops every process at the next log line or
 at the end of the epoch, before the epoch's checkpoints are written, so the ones on disk stay the last good
@@ -18,7 +19,7 @@ from timm.utils import AverageMeter, dispatch_clip_grad, distribute_bn
 
 from .data import check_unreadable
 from .distributed import Runtime, sum_over_processes
-from .errors import DataError, NonFiniteLossError
+from .errors import DataError, NonFiniteLossError, OptionError
 
 _logger = logging.getLogger(__name__)
 
@@ -176,6 +177,18 @@ def _backward_and_step(loss, model, optimizer, settings: TrainSettings, need_upd
         if settings.clip_grad is not None:
             dispatch_clip_grad(model.parameters(), settings.clip_grad, mode=settings.clip_mode)
         optimizer.step()
+
+
+def check_input_size(model, input_size, device: torch.device):
+    """Run the model on one blank image of `input_size`, so that a size it refuses (a model with fixed windows or
+    token tables: ViP, EAMLP, PosMLP with dynamic_img_pad=False) is one line before any data is read."""
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size, device=device))
+    except ValueError as e:
+        raise OptionError(f'{model.pretrained_cfg["architecture"]} cannot take input {tuple(input_size)}: '
+                          f'{str(e).rstrip(".")}. Give --img-size (or --input-size) a size it takes, or leave it '
+                          f'out for the size the checkpoint was trained at.') from None
 
 
 @torch.no_grad()
