@@ -121,7 +121,8 @@ def test_bad_input_is_one_line(tmp_path, capsys, make, message):
 def test_a_size_a_fixed_size_model_refuses_is_one_line(tmp_path, capsys):
     write_checkpoint(tmp_path / 'fixed.pth.tar', model_kwargs=dict(TINY_KWARGS, dynamic_img_pad=False))
     folder = make_image_folder(tmp_path / 'images', per_class=1, splits=('val',)) / 'val'
-    assert inference.main([str(folder), '--checkpoint', str(tmp_path / 'fixed.pth.tar'), *FAST, '--img-size', '48']) == 1
+    checkpoint = str(tmp_path / 'fixed.pth.tar')
+    assert inference.main([str(folder), '--checkpoint', checkpoint, *FAST, '--img-size', '48']) == 1
     out = capsys.readouterr().out
     assert 'Stopped: posmlp_t cannot take input (3, 48, 48): ' in out and 'Traceback' not in out
 
