@@ -23,10 +23,12 @@ from typing import List, Optional
 import utils.offline  # noqa: F401  (first: the hub client reads its switches when timm imports it)
 
 import models
-from models import CheckpointError
-from utils.args import DefaultsHelpFormatter, add_weights_choice
+from utils.args import DefaultsHelpFormatter
 from utils.distributed import run_script
+from utils.errors import CheckpointError
 from utils.outputs import setup_logging
+from utils.option_checks import at_least
+from utils.weights_choice import add_weights_choice
 from utils.weights_files import loading_hint, output_suffix, split_suffix, weights_content, write_weights_file
 
 _logger = logging.getLogger('avg_checkpoints')
@@ -46,7 +48,7 @@ def avg_parser() -> argparse.ArgumentParser:
     add_weights_choice(parser, 'average', 'every checkpoint has')
     parser.add_argument('--no-sort', action='store_true',
                         help='average every match, ranked or not (-n does not apply)')
-    parser.add_argument('-n', type=int, default=10, metavar='N', help='number of best checkpoints to average')
+    parser.add_argument('-n', type=at_least(1), default=10, metavar='N', help='number of best checkpoints to average')
     parser.add_argument('--safetensors', action='store_true', help='write safetensors instead of a torch pickle')
     return parser
 
@@ -163,8 +165,6 @@ def average_checkpoints(args) -> str:
 def main(argv=None) -> int:
     parser = avg_parser()
     args = parser.parse_args(argv)
-    if args.n < 1:
-        parser.error(f'-n must be 1 or more, not {args.n}.')
     setup_logging(None, True)
     return run_script(average_checkpoints, args, (CheckpointError,), _logger)
 

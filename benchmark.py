@@ -20,17 +20,17 @@ from typing import List, Optional, Tuple
 import utils.offline  # noqa: F401  (first: the hub client reads its switches when timm imports it)
 import torch
 from timm.optim import list_optimizers
-from timm.utils import ParseKwargs
 
-from utils.amp import DEFAULT_AMP_DTYPE
+from utils.amp import resolve_amp_dtype
+from utils.args import ModelKwargs, add_amp_options, add_torchcompile_options, amp_requested, check_torchcompile
 from utils.benchmarking import (
-    MODES, BenchmarkError, Entry, RunConfig, Task, add_speed_vs_baseline, file_rows, import_modules, parse_entry,
+    MODES, Entry, RunConfig, Task, add_speed_vs_baseline, file_rows, import_modules, parse_entry,
     table_lines, time_tasks,
 )
-from utils.data import DataError
+from utils.errors import BenchmarkError, DataError
 from utils.distributed import default_device, device_problem
 from utils.loader_benchmark import loader_table_lines, time_loaders, write_sample_jpegs
-from utils.names import model_name_problem
+from utils.option_checks import at_least, model_name_problem, non_negative
 from utils.results import RESULT_FORMATS, command_line, format_table, results_format, run_environment, write_results
 from utils.suites import SUITES, add_reference_columns, reference_columns
 
@@ -76,36 +76,31 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--import', dest='imports', nargs='+', default=[], metavar='MODULE',
                        help='import these modules first, so that entries can name the models they register with '
                             'timm (another implementation to compare against, say)')
-    group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargs, metavar='KEY=VALUE',
                        help='keyword arguments for every model; an entry\'s own KEY=VALUE wins')
     group.add_argument('--baseline', default=None, metavar='ENTRY',
                        help='one of the entries; adds each row\'s speed relative to it, the median over rounds of '
                             'the ratio of their img/s in the same round')
     group = parser.add_argument_group('how')
-    group.add_argument('-b', '--batch-size', type=int, default=32, help='images per step (default: 32)')
-    group.add_argument('--img-size', type=int, default=None, help='square input side (default: each model\'s own, '
-                                                                  'or the recipe\'s for --bench data)')
+    group.add_argument('-b', '--batch-size', type=at_least(1), default=32, help='images per step (default: 32)')
+    group.add_argument('--img-size', type=at_least(1), default=None,
+                       help='square input side (default: each model\'s own, or the recipe\'s for --bench data)')
     group.add_argument('--device', default=None, help='cpu, cuda or cuda:N (default: cuda if available, else cpu)')
-    group.add_argument('--amp', action='store_true', help='run under torch.autocast')
-    group.add_argument('--amp-dtype', choices=('bfloat16', 'float16'), default=None,
-                       help='autocast dtype; implies --amp (default: bfloat16 on CPU, float16 on CUDA); float16 '
-                            'training scales the loss with timm\'s NativeScaler')
+    add_amp_options(group)  # float16 training scales the loss with timm's NativeScaler
     group.add_argument('--channels-last', action='store_true', help='model and input in channels-last layout')
-    group.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
-                       help='torch.compile every model, with BACKEND (default when given: inductor); compiling '
-                            'happens in the first steps, so give enough --warmup')
-    group.add_argument('--torchcompile-mode', default=None, help='torch.compile mode (default: torch\'s)')
+    add_torchcompile_options(group)
     group.add_argument('--reparam', action='store_true',
                        help='time inference of the model after timm.utils.reparameterize_model (fused layers)')
     group.add_argument('--opt', default='momentum',
                        help='timm optimizer of the training steps (default: momentum, SGD with momentum 0.9)')
-    group.add_argument('--lr', type=float, default=1e-4, help='training learning rate (default: 1e-4)')
-    group.add_argument('--warmup', type=int, default=2, help='untimed steps before the first round (default: 2)')
-    group.add_argument('--repeats', type=int, default=5, help='timed rounds per task; the median is reported '
+    group.add_argument('--lr', type=non_negative, default=1e-4, help='training learning rate (default: 1e-4)')
+    group.add_argument('--warmup', type=at_least(0), default=2,
+                       help='untimed steps before the first round; --torchcompile compiles in them (default: 2)')
+    group.add_argument('--repeats', type=at_least(1), default=5, help='timed rounds per task; the median is reported '
                                                               '(default: 5)')
-    group.add_argument('--steps', type=int, default=3, help='steps (--bench data: batches per worker) in each '
+    group.add_argument('--steps', type=at_least(1), default=3, help='steps (--bench data: batches per worker) in each '
                                                             'timed round (default: 3)')
-    group.add_argument('--threads', type=int, default=None, help='CPU threads for torch in each task '
+    group.add_argument('--threads', type=at_least(1), default=None, help='CPU threads for torch in each task '
                                                                  '(default: torch\'s own choice)')
     group.add_argument('--isolate', action=argparse.BooleanOptionalAction, default=True,
                        help='each task in its own worker process (default), which keeps peak memory per model '
@@ -115,10 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--data-dir', default=None, metavar='DIR',
                        help='images to read, one subfolder per class (e.g. /imagenet/train); default: JPEGs '
                             'generated into a temporary folder')
-    group.add_argument('--data-images', type=int, default=256, help='JPEGs to generate (default: 256)')
-    group.add_argument('--data-long-side', type=int, default=500,
+    group.add_argument('--data-images', type=at_least(1), default=256, help='JPEGs to generate (default: 256)')
+    group.add_argument('--data-long-side', type=at_least(1), default=500,
                        help='longer side of the generated JPEGs, px (default: 500, as most ImageNet photos)')
-    group.add_argument('-j', '--workers', type=int, default=AVAILABLE_CPUS,
+    group.add_argument('-j', '--workers', type=at_least(1), default=AVAILABLE_CPUS,
                        help='loader workers to time besides 1 (default: the CPUs this process may use)')
     group.add_argument('--recipe', default=os.path.join(ROOT, 'configs', 'posmlp_t.yaml'), metavar='FILE',
                        help='the training config whose transforms are timed (default: configs/posmlp_t.yaml)')
@@ -127,16 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--results-format', choices=RESULT_FORMATS, default=None,
                        help='csv or json (default: the --results-file suffix\'s)')
     return parser
-
-
-def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace):
-    for name in ('batch_size', 'steps', 'repeats', 'workers', 'data_images', 'data_long_side'):
-        if getattr(args, name) < 1:
-            parser.error(f'--{name.replace("_", "-")} must be at least 1, not {getattr(args, name)}')
-    for name in ('warmup', 'threads', 'img_size'):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == 'warmup' else 1):
-            parser.error(f'--{name.replace("_", "-")} must be at least {0 if name == "warmup" else 1}, not {value}')
 
 
 def read_model_list(parser: argparse.ArgumentParser, path: str) -> List[str]:
@@ -195,11 +180,10 @@ def run_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Run
         parser.error(f'--opt {args.opt}: timm has no such optimizer; e.g. sgd, momentum, adamw')
     if 'pretrained' in args.model_kwargs:
         parser.error('--model-kwargs pretrained: weights are never downloaded; benchmarking needs none')
-    amp = args.amp or args.amp_dtype is not None
     return RunConfig(
         device=str(torch.device(device)), batch_size=args.batch_size, img_size=args.img_size,
         model_kwargs=tuple(args.model_kwargs.items()),
-        amp_dtype=(args.amp_dtype or DEFAULT_AMP_DTYPE[torch.device(device).type]) if amp else None,
+        amp_dtype=resolve_amp_dtype(torch.device(device), args.amp_dtype) if amp_requested(args) else None,
         channels_last=args.channels_last, torchcompile=args.torchcompile, torchcompile_mode=args.torchcompile_mode,
         reparam=args.reparam, opt=args.opt.lower(), lr=args.lr, warmup=args.warmup, steps=args.steps,
         threads=args.threads, imports=tuple(args.imports))
@@ -209,13 +193,13 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, Li
     """The options, the tasks to time (none for --bench data), the baseline entry and the run's settings."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_numbers(parser, args)
     if args.results_file and results_format(args.results_file, args.results_format) is None:
         parser.error(f'--results-file {args.results_file}: name it .csv or .json, or give --results-format')
     try:
         import_modules(tuple(args.imports))
     except ValueError as error:
         parser.error(str(error))
+    check_torchcompile(parser, args)
     config = run_config(parser, args)
     if args.bench == 'data':
         if args.data_dir and not os.path.isdir(args.data_dir):

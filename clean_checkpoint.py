@@ -17,10 +17,11 @@ import sys
 import utils.offline  # noqa: F401  (first: the hub client reads its switches when timm imports it)
 
 import models
-from models import CheckpointError
-from utils.args import DefaultsHelpFormatter, add_weights_choice
+from utils.args import DefaultsHelpFormatter
 from utils.distributed import run_script
+from utils.errors import CheckpointError
 from utils.outputs import setup_logging
+from utils.weights_choice import add_weights_choice
 from utils.weights_files import loading_hint, output_suffix, split_suffix, weights_content, write_weights_file
 
 _logger = logging.getLogger('clean_checkpoint')

@@ -11,13 +11,10 @@ run's summary.csv beside it) and the run's options as `args.yaml`. Load it with
 the checkpoint has them (--no-use-ema for the live ones).
 """
 import argparse
-import csv
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from typing import List, Optional
 
 import utils.offline  # noqa: F401  (first: the hub client reads its switches when timm imports it)
@@ -26,11 +23,12 @@ import yaml
 from timm.models import get_pretrained_cfg, save_for_hf
 
 import models
-from models import CheckpointError, LoadedCheckpoint
-from models.checkpoint import PROCESS_UMASK
-from utils.args import DefaultsHelpFormatter, add_weights_choice
+from models import LoadedCheckpoint
+from utils.args import DefaultsHelpFormatter
 from utils.distributed import run_script
-from utils.outputs import ARGS_FILE, SUMMARY_FILE, setup_logging
+from utils.errors import CheckpointError
+from utils.outputs import ARGS_FILE, SUMMARY_FILE, atomic_folder, read_summary_rows, setup_logging
+from utils.weights_choice import add_weights_choice, is_ema
 
 _logger = logging.getLogger('export_hub')
 
@@ -80,16 +78,8 @@ def correct_config(folder: str, model_name: str):
         json.dump(config, f, indent=2)
 
 
-def summary_rows(checkpoint_path: str) -> List[dict]:
-    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), SUMMARY_FILE)
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline='') as f:
-        return list(csv.DictReader(f))
-
-
 def metrics_section(loaded: LoadedCheckpoint, rows: List[dict]) -> List[str]:
-    prefix = 'ema' if loaded.weights in ('state_dict_ema', 'model_ema') else 'eval'
+    prefix = 'ema' if is_ema(loaded.weights) else 'eval'
     which = 'EMA' if prefix == 'ema' else 'live (non-EMA)'
     lines = ['## Metrics', '', f'These are the {which} weights of epoch {loaded.epoch}.']
     row = next((r for r in rows if loaded.epoch is not None and int(float(r['epoch'])) == loaded.epoch), None)
@@ -176,7 +166,8 @@ def write_folder(folder: str, loaded: LoadedCheckpoint, model, output: str):
     save_for_hf(model, folder, model_config=dict(label_names=names) if names else None, safe_serialization=True)
     correct_config(folder, model.pretrained_cfg['architecture'])
     with open(os.path.join(folder, 'README.md'), 'w') as f:
-        f.write(model_card(loaded, model, output, summary_rows(loaded.path)))
+        rows = read_summary_rows(os.path.join(os.path.dirname(os.path.abspath(loaded.path)), SUMMARY_FILE))
+        f.write(model_card(loaded, model, output, rows))
     if loaded.args:
         with open(os.path.join(folder, ARGS_FILE), 'w') as f:
             yaml.safe_dump(plain(loaded.args), f, sort_keys=False)
@@ -188,20 +179,8 @@ def export(args) -> str:
         raise CheckpointError(f'{output} already exists; choose a new --output folder (nothing is overwritten).')
     loaded = models.read_checkpoint(args.checkpoint, use_ema=args.use_ema)
     model = models.create_model_from_checkpoint(loaded).eval()
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    # Written whole in a hidden folder beside, then renamed: a crash leaves no half-written export.
-    partial = tempfile.mkdtemp(prefix='.partial-export-', dir=parent)
-    try:
+    with atomic_folder(output) as partial:  # a crash leaves no half-written export
         write_folder(partial, loaded, model, output)
-        # Modes as plain open()/mkdir give (mkdtemp and safetensors create them private).
-        for name in os.listdir(partial):
-            os.chmod(os.path.join(partial, name), 0o666 & ~PROCESS_UMASK)
-        os.chmod(partial, 0o777 & ~PROCESS_UMASK)
-        os.rename(partial, output)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     _logger.info(f'Exported the {loaded.weights} of {args.checkpoint} to {output}/ (config.json, model.safetensors, '
                  f'README.md{", " + ARGS_FILE if loaded.args else ""}).')
     _logger.info(f"Load it with timm.create_model('local-dir:{output}', pretrained=True) after `import models`.")

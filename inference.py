@@ -12,38 +12,39 @@ Results go to --results-dir/--results-file (default: MODEL-SIZE in the current f
 json or parquet, and to the console.
 """
 import argparse
-import csv
-import io
 import json
 import logging
 import os
 import sys
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import utils.offline  # noqa: F401  (first: the hub client reads its switches when timm imports it)
 
 import numpy as np
 import torch
 from timm.data import CustomDatasetInfo, DatasetInfoLabelMapper, ImageNetInfo, infer_imagenet_subset
-from timm.utils import ParseKwargs, reparameterize_model
+from timm.utils import reparameterize_model
 
 import models
-from models import CheckpointError
 from utils.amp import resolve_precision
-from utils.args import DefaultsHelpFormatter, OptionError, add_loader_options, add_weights_choice
-from utils.data import DataError, resolve_input_config, unreadable_count
+from utils.args import (
+    DefaultsHelpFormatter, ModelKwargs, add_amp_options, add_input_options, add_loader_options, amp_requested,
+)
+from utils.data import given_input_options, resolve_input_config, unreadable_count, wanted_class_map
 from utils.distributed import device_problem, init_runtime, run_script
+from utils.engine import check_input_size
+from utils.errors import CheckpointError, DataError, OptionError
 from utils.image_list import image_list_dataset
 from utils.loaders import build_eval_loader, loader_options
+from utils.option_checks import at_least, thread_count
 from utils.outputs import setup_logging, write_atomically
-from validate import CROP_MODES, INTERPOLATIONS, wanted_class_map
+from utils.results import TABLE_FORMATS, csv_text, results_format, write_parquet
+from utils.weights_choice import add_weights_choice
 
 _logger = logging.getLogger('inference')
 
-RESULT_FORMATS = ('csv', 'json', 'parquet')
 LABEL_TYPES = ('none', 'name', 'description', 'detailed')
-DATA_OPTIONS = ('input_size', 'img_size', 'crop_pct', 'crop_mode', 'mean', 'std', 'interpolation')
 
 
 def inference_parser() -> argparse.ArgumentParser:
@@ -58,7 +59,7 @@ def inference_parser() -> argparse.ArgumentParser:
                         help="a checkpoint of this project's train.py, a cleaned or averaged one, or the authors'")
     add_weights_choice(parser)
     parser.add_argument('--model', default=None, help='timm model name (default: the one the checkpoint describes)')
-    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargs, metavar='KEY=VALUE',
                         help='more model arguments, values as Python literals')
     parser.add_argument('--no-reparam', dest='reparam', action='store_false',
                         help="run the model as trained, without timm's reparameterize_model")
@@ -67,7 +68,7 @@ def inference_parser() -> argparse.ArgumentParser:
     parser.add_argument('--label-type', default='description', choices=LABEL_TYPES,
                         help="names in results: ImageNet's synset ids (name), their words (description, detailed), "
                              "or none; a class map's names serve for all but none")
-    parser.add_argument('--topk', type=int, default=1, help='predictions per image')
+    parser.add_argument('--topk', type=at_least(1), default=1, help='predictions per image')
     parser.add_argument('--output-type', default='prob', choices=('prob', 'logit'),
                         help='softmax probabilities or raw logits')
     parser.add_argument('--exclude-output', action='store_true', help='leave the probabilities/logits out')
@@ -78,25 +79,17 @@ def inference_parser() -> argparse.ArgumentParser:
     parser.add_argument('--results-file', default='', metavar='NAME',
                         help='results file name, in --results-dir; its ending picks the format unless '
                              '--results-format is given (default: MODEL-SIZE)')
-    parser.add_argument('--results-format', nargs='+', default=None, choices=RESULT_FORMATS,
+    parser.add_argument('--results-format', nargs='+', default=None, choices=TABLE_FORMATS,
                         help='one or more formats to write (default: csv)')
     parser.add_argument('--no-console-results', action='store_true', help='do not print the results')
-    parser.add_argument('-b', '--batch-size', type=int, default=256, help='batch size')
+    parser.add_argument('-b', '--batch-size', type=at_least(1), default=256, help='batch size')
     add_loader_options(parser, 'process')
-    parser.add_argument('--amp', action='store_true', help='native torch mixed precision')
-    parser.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'),
-                        help='autocast type; implies --amp (default: bfloat16 on the CPU, float16 on CUDA)')
+    add_amp_options(parser)
     parser.add_argument('--channels-last', action='store_true', help='channels_last memory layout')
-    parser.add_argument('--img-size', type=int, default=None, help='input image size')
-    parser.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'), help='input size')
-    parser.add_argument('--crop-pct', type=float, default=None, help='center-crop fraction')
-    parser.add_argument('--crop-mode', default=None, choices=CROP_MODES, help='how the image is fit to the crop')
-    parser.add_argument('--interpolation', default=None, choices=INTERPOLATIONS, help='resize interpolation')
-    parser.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean')
-    parser.add_argument('--std', type=float, nargs='+', default=None, help='normalisation std')
+    add_input_options(parser)
     parser.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda when available)')
-    parser.add_argument('--threads', type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument('--log-freq', type=int, default=10, help='batches between progress lines')
+    parser.add_argument('--threads', type=thread_count, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument('--log-freq', type=at_least(1), default=10, help='batches between progress lines')
     return parser
 
 
@@ -104,7 +97,7 @@ def label_mapper(args, model, checkpoint: models.LoadedCheckpoint) -> Optional[C
     """Class index -> name: the class map given or stored, else ImageNet's for a model of its class count."""
     if args.label_type == 'none':
         return None
-    class_map, source = wanted_class_map(args)
+    class_map, source = wanted_class_map(args.class_map, checkpoint)
     if class_map:
         by_label = {label: name for name, label in class_map.items()}
         beyond = [label for label in by_label if not 0 <= label < model.num_classes]
@@ -180,19 +173,15 @@ def result_columns(args, names: List[str], classes, outputs, to_label) -> dict:
     return columns
 
 
-def csv_text(columns: dict) -> str:
-    """One row per image; a column of k values becomes k columns NAME_0 .. NAME_{k-1}."""
+def wide_rows(columns: Dict[str, list]) -> List[dict]:
+    """One row per image; a column of k values per image becomes k columns NAME_0 .. NAME_{k-1}, as in timm."""
     wide = {}
     for name, values in columns.items():
         if values and isinstance(values[0], list):
             wide.update({f'{name}_{i}': [v[i] for v in values] for i in range(len(values[0]))})
         else:
             wide[name] = values
-    text = io.StringIO(newline='')
-    writer = csv.writer(text)
-    writer.writerow(wide)
-    writer.writerows(zip(*wide.values()))
-    return text.getvalue()
+    return [dict(zip(wide, cells)) for cells in zip(*wide.values())]
 
 
 def json_text(columns: dict) -> str:
@@ -202,34 +191,25 @@ def json_text(columns: dict) -> str:
     return json.dumps({name: {k: v[i] for k, v in rest.items()} for i, name in enumerate(names)}, indent=2)
 
 
-def write_parquet(columns: dict, path: str):
-    import pyarrow
-    import pyarrow.parquet
-    partial = path + '.tmp'
-    pyarrow.parquet.write_table(pyarrow.table(columns), partial)
-    os.replace(partial, path)
-
-
 def results_base(args, model, data_config) -> str:
     """The results path without its ending: --results-file (its ending dropped), else MODEL-SIZE, in --results-dir."""
     if args.results_file:
         stem, ending = os.path.splitext(args.results_file)
-        name = stem if ending.lstrip('.') in RESULT_FORMATS else args.results_file
+        name = stem if ending.lstrip('.') in TABLE_FORMATS else args.results_file
     else:
         name = f'{model.pretrained_cfg["architecture"]}-{data_config["input_size"][-1]}'
     return os.path.join(args.results_dir, name)
 
 
-def write_results(columns: dict, base: str, formats: List[str]) -> List[str]:
-    if os.path.dirname(base):
-        os.makedirs(os.path.dirname(base), exist_ok=True)
+def write_predictions(columns: dict, base: str, formats: List[str]) -> List[str]:
+    """BASE.csv, BASE.json and BASE.parquet as `formats` asks; returns their paths."""
     written = []
     for fmt in formats:
         path = f'{base}.{fmt}'
         if fmt == 'parquet':
-            write_parquet(columns, path)
+            write_parquet(path, columns)
         else:
-            write_atomically(path, csv_text(columns) if fmt == 'csv' else json_text(columns) + '\n')
+            write_atomically(path, csv_text(wide_rows(columns)) if fmt == 'csv' else json_text(columns) + '\n')
         written.append(path)
     return written
 
@@ -239,11 +219,10 @@ def infer(args):
     dataset = image_list_dataset(args.data_dir)
     checkpoint, model = build_model(args, runtime)
     to_label = label_mapper(args, model, checkpoint)
-    given = {k: getattr(args, k) for k in DATA_OPTIONS if getattr(args, k) is not None}
-    data_config = resolve_input_config(given, model)
+    data_config = resolve_input_config(given_input_options(args), model)
     loader = build_eval_loader(dataset, data_config, args.batch_size, runtime, loader_options(args, runtime.device))
-    amp = args.amp or args.amp_dtype is not None
-    _, _, precision = resolve_precision(runtime.device, amp=amp, amp_dtype=args.amp_dtype)
+    check_input_size(model, data_config['input_size'], runtime.device)
+    _, _, precision = resolve_precision(runtime.device, amp=amp_requested(args), amp_dtype=args.amp_dtype)
     top_k = min(args.topk, model.num_classes)
     if top_k < args.topk:
         _logger.info(f'--topk {args.topk}: the model has only {model.num_classes} classes; giving {top_k}.')
@@ -259,30 +238,24 @@ def infer(args):
                         f'warnings above name them.')
     names = [dataset.reader.filename(i, absolute=args.fullname) for i in sample_indices.tolist()]
     columns = result_columns(args, names, classes, outputs, to_label)
-    written = write_results(columns, results_base(args, model, data_config), args.results_format)
+    written = write_predictions(columns, results_base(args, model, data_config), args.results_format)
     _logger.info(f'Results for {len(names)} images written to {", ".join(written)}.')
     if not args.no_console_results:
         print(json_text(columns))
 
 
 def check_options(parser, args):
+    """Stop with the option named when the options cannot work together, or the device cannot be used (each
+    value alone was checked as parsed)."""
     args.data_dir = args.data or args.data_dir
     if not args.data_dir:
         parser.error('give the images to predict on (PATH or --data-dir).')
     if args.data and args.data_dir != args.data:
         parser.error('give the images once, as PATH or --data-dir.')
-    if args.topk < 1:
-        parser.error(f'--topk must be 1 or more, not {args.topk}.')
     if args.exclude_output and args.label_type == 'none' and not args.include_index:
         parser.error('--exclude-output with --label-type none leaves nothing to write; add --include-index.')
-    for name in ('batch_size', 'log_freq'):
-        if getattr(args, name) < 1:
-            parser.error(f'--{name.replace("_", "-")} must be 1 or more, not {getattr(args, name)}.')
-    if args.workers < 0:
-        parser.error(f'--workers must be 0 or more, not {args.workers}.')
     if args.results_format is None:
-        ending = os.path.splitext(args.results_file)[1].lstrip('.')
-        args.results_format = [ending] if ending in RESULT_FORMATS else ['csv']
+        args.results_format = [results_format(args.results_file, formats=TABLE_FORMATS) or 'csv']
     if 'parquet' in args.results_format:
         try:
             import pyarrow  # noqa: F401

@@ -16,7 +16,6 @@ onnx and onnxruntime are needed here only: pip install onnx onnxruntime onnxscri
 import argparse
 import utils.offline  # noqa: F401  (first: the hub client reads its switches when timm imports it)
 
-import difflib
 import inspect
 import logging
 import os
@@ -26,14 +25,16 @@ import tempfile
 
 import timm
 import torch
-from timm.utils import ParseKwargs, reparameterize_model
+from timm.utils import reparameterize_model
 
 import models
-from models import CheckpointError
-from utils.args import DefaultsHelpFormatter, OptionError, add_weights_choice
-from utils.data import resolve_input_config
+from utils.args import DefaultsHelpFormatter, ModelKwargs
+from utils.data import given_input_options, resolve_input_config
 from utils.distributed import run_script
+from utils.errors import CheckpointError, OptionError
+from utils.option_checks import at_least, model_name_problem
 from utils.outputs import setup_logging
+from utils.weights_choice import add_weights_choice
 
 _logger = logging.getLogger('onnx_export')
 
@@ -55,9 +56,10 @@ def export_parser() -> argparse.ArgumentParser:
     parser.add_argument('--model', '-m', default=None,
                         help='timm model name (default: the one the checkpoint describes; without a checkpoint, '
                              'the model is exported with random weights)')
-    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargs, metavar='KEY=VALUE',
                         help='more model arguments, values as Python literals')
-    parser.add_argument('--num-classes', type=int, default=None, help='classes of a model built without a checkpoint')
+    parser.add_argument('--num-classes', type=at_least(1), default=None,
+                        help='classes of a model built without a checkpoint')
     parser.add_argument('--opset', type=int, default=None, help="ONNX opset (default: the exporter's)")
     parser.add_argument('--dynamic-size', action='store_true',
                         help='input height and width as graph inputs too, not only the batch size')
@@ -65,9 +67,10 @@ def export_parser() -> argparse.ArgumentParser:
                         help='run the graph with onnxruntime on random input and compare it with PyTorch')
     parser.add_argument('--check-atol', type=float, default=1e-4,
                         help='largest absolute difference --check-forward accepts')
-    parser.add_argument('-b', '--batch-size', type=int, default=2, help='batch size of the example input')
-    parser.add_argument('--img-size', type=int, default=None, help='input image size (default: the model\'s)')
-    parser.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'), help='input size')
+    parser.add_argument('-b', '--batch-size', type=at_least(1), default=2, help='batch size of the example input')
+    parser.add_argument('--img-size', type=at_least(1), default=None, help='input image size (default: the model\'s)')
+    parser.add_argument('--input-size', type=at_least(1), nargs=3, default=None, metavar=('C', 'H', 'W'),
+                        help='input size')
     parser.add_argument('--reparam', action='store_true', help="fuse the model for inference first (timm's "
                                                                "reparameterize_model)")
     parser.add_argument('--dynamo', action=argparse.BooleanOptionalAction, default=DYNAMO_DEFAULT,
@@ -90,8 +93,7 @@ def build_model(args):
 
 
 def example_input(args, model) -> torch.Tensor:
-    options = {'img_size': args.img_size, 'input_size': args.input_size}
-    input_size = resolve_input_config(options, model)['input_size']
+    input_size = resolve_input_config(given_input_options(args), model)['input_size']
     return torch.randn((args.batch_size, *input_size), generator=torch.Generator().manual_seed(0))
 
 
@@ -167,14 +169,9 @@ def check_options(parser, args):
                      f'(requirements-dev.txt has them).')
     if not args.checkpoint and not args.model:
         parser.error('give --checkpoint (its model is exported) or --model (exported with random weights).')
-    if args.model and not timm.is_model(args.model):
-        close = difflib.get_close_matches(args.model, timm.list_models(), n=3, cutoff=0.6)
-        suggestion = f'; did you mean {", ".join(close)}?' if close else '.'
-        parser.error(f'--model {args.model}: no such model{suggestion}')
-    if args.batch_size < 1:
-        parser.error(f'--batch-size must be 1 or more, not {args.batch_size}.')
-    if args.img_size is not None and args.img_size < 1:
-        parser.error(f'--img-size must be 1 or more, not {args.img_size}.')
+    problem = model_name_problem(args.model) if args.model else None
+    if problem:
+        parser.error(f'--model {args.model}: {problem}')
 
 
 def _importable(name: str) -> bool:

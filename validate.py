@@ -14,7 +14,6 @@ rounding (README, Evaluation).
 import argparse
 import json
 import logging
-import pickle
 import sys
 import time
 from typing import Optional
@@ -22,31 +21,27 @@ from typing import Optional
 import utils.offline  # noqa: F401  (first: the hub client reads its switches when timm imports it)
 
 import torch
-from timm.data.readers.class_map import load_class_map
-from timm.utils import ParseKwargs
 
 import models
-from models import CheckpointError
 from utils.amp import resolve_precision, use_tf32_and_cudnn_benchmark
 from utils.args import (
-    INTERPOLATIONS, DefaultsHelpFormatter, OptionError, add_loader_options, add_torchcompile_options,
-    add_weights_choice, check_integer_minimums, check_number_ranges, check_torchcompile, resolve_data_root,
+    DefaultsHelpFormatter, ModelKwargs, add_amp_options, add_input_options, add_loader_options,
+    add_torchcompile_options, amp_requested, check_torchcompile, resolve_data_root,
 )
 from utils.data import (
-    DataError, class_folder_names, class_to_idx, create_split_dataset, evaluation_folder, num_classes_of,
-    resolve_input_config, unreadable_count,
+    class_folder_names, class_to_idx, create_split_dataset, evaluation_folder, given_input_options, num_classes_of,
+    recorded_input_options, resolve_input_config, unreadable_count, wanted_class_map,
 )
 from utils.distributed import device_problem, init_runtime, run_script
-from utils.engine import evaluate
+from utils.engine import check_input_size, evaluate
+from utils.errors import CheckpointError, DataError, OptionError, OutputError
 from utils.loaders import build_eval_loader, loader_options
-from utils.names import model_name_problem
-from utils.outputs import OutputError, setup_logging, writing
+from utils.option_checks import at_least, bad_image_limit, model_name_problem, thread_count
+from utils.outputs import setup_logging, writing
 from utils.results import command_line, results_format, run_environment, write_results
+from utils.weights_choice import add_weights_choice, describe_weights
 
 _logger = logging.getLogger('validate')
-
-DATA_OPTIONS = ('input_size', 'img_size', 'in_chans', 'crop_pct', 'crop_mode', 'mean', 'std', 'interpolation')
-CROP_MODES = ('center', 'squash', 'border')
 
 
 def validate_parser() -> argparse.ArgumentParser:
@@ -68,60 +63,33 @@ def validate_parser() -> argparse.ArgumentParser:
                              "stores (this project's train.py stores one)")
     add_weights_choice(parser)
     parser.add_argument('--model', default=None, help='timm model name (default: the one the checkpoint describes)')
-    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargs, metavar='KEY=VALUE',
                         help='more model arguments, values as Python literals')
-    parser.add_argument('-b', '--batch-size', type=int, default=256, help='batch size per process')
+    parser.add_argument('-b', '--batch-size', type=at_least(1), default=256, help='batch size per process')
     add_loader_options(parser, 'process')
     parser.add_argument('--keep-empty-classes', action='store_true',
                         help='keep class folders without images as classes, instead of refusing them')
-    parser.add_argument('--amp', action='store_true', help='native torch mixed precision')
-    parser.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'),
-                        help='autocast type; implies --amp (default: bfloat16 on the CPU, float16 on CUDA)')
+    add_amp_options(parser)
     parser.add_argument('--channels-last', action='store_true', help='channels_last memory layout')
     add_torchcompile_options(parser)
-    parser.add_argument('--img-size', type=int, default=None, help='input image size')
-    parser.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'), help='input size')
-    parser.add_argument('--crop-pct', type=float, default=None, help='center-crop fraction')
-    parser.add_argument('--crop-mode', default=None, choices=CROP_MODES, help='how the image is fit to the crop')
-    parser.add_argument('--interpolation', default=None, choices=INTERPOLATIONS, help='resize interpolation')
-    parser.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean')
-    parser.add_argument('--std', type=float, nargs='+', default=None, help='normalisation std')
-    parser.add_argument('--max-bad-images', type=int, default=None, metavar='N',
+    add_input_options(parser)
+    parser.add_argument('--max-bad-images', type=bad_image_limit, default=None, metavar='N',
                         help='unreadable images left out of the results (all processes together) before '
                              'stopping (default: 1%% of the split); image folders only, not --dataset')
     parser.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda when available)')
-    parser.add_argument('--threads', type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument('--log-interval', type=int, default=50, help='batches between progress lines')
+    parser.add_argument('--threads', type=thread_count, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument('--log-interval', type=at_least(1), default=50, help='batches between progress lines')
     parser.add_argument('--results-file', default='', metavar='PATH', help='write the results to a .csv or .json file')
     return parser
 
 
-def training_data_options(loaded: models.LoadedCheckpoint) -> dict:
-    """The input options a checkpoint's training run used (its `args`), so evaluation sees the same input."""
-    return {k: loaded.args[k] for k in DATA_OPTIONS if loaded.args.get(k) not in (None, '')}
-
-
-def wanted_class_map(args) -> tuple:
-    """(class name -> label, where it came from): --class-map, else the checkpoint's `class_to_idx`, else (None, '')."""
-    if args.class_map:
-        try:
-            return load_class_map(args.class_map), f'--class-map {args.class_map}'
-        except (AssertionError, ValueError, OSError, pickle.UnpicklingError) as e:
-            raise DataError(f'--class-map {args.class_map}: {e}. Give a .txt file with one class name a line, '
-                            f'in label order.') from None
-    # Only a few entries are read, so map the tensors rather than reading them again.
-    stored = models.load_checkpoint_file(args.checkpoint, mmap=True)
-    stored = stored.get('class_to_idx') if isinstance(stored, dict) else None
-    return (dict(stored), f'the class_to_idx of {args.checkpoint}') if isinstance(stored, dict) else (None, '')
-
-
-def labelled_folder(data_dir: str, args, model_classes: Optional[int]):
+def labelled_folder(data_dir: str, args, loaded: models.LoadedCheckpoint, model_classes: Optional[int]):
     """The image folder with each class folder labelled as the model's head has it.
 
     Labels come from a class map (given or stored in the checkpoint); without one the class folders are
     numbered in order, which is right only when the folder holds every class of the head.
     """
-    class_map, source = wanted_class_map(args)
+    class_map, source = wanted_class_map(args.class_map, loaded)
     if class_map is None:
         dataset = create_split_dataset('', data_dir, 'validation', args.max_bad_images,
                                        keep_empty_classes=args.keep_empty_classes)
@@ -148,33 +116,23 @@ def labelled_folder(data_dir: str, args, model_classes: Optional[int]):
                                 keep_empty_classes=args.keep_empty_classes)
 
 
-def validate(args) -> dict:
-    runtime = init_runtime(args.device, threads=args.threads)
-    use_tf32_and_cudnn_benchmark(runtime.device)
-    setup_logging(None, runtime.is_primary)
-
-    data_dir = args.data_dir
-    if not args.dataset:
-        data_dir = evaluation_folder(data_dir, args.split)
-    loaded = models.read_checkpoint(args.checkpoint, use_ema=args.use_ema)
-    model = models.create_model_from_checkpoint(loaded, model_name=args.model, **args.model_kwargs)
-    if loaded.weights == 'state_dict_ema':
-        which = 'EMA weights (state_dict_ema)'
-    else:
-        which = 'live weights (state_dict)' + ('' if args.use_ema is False else '; the checkpoint has no EMA weights')
-    _logger.info(f'Checkpoint {args.checkpoint}: {which}.')
+def evaluation_dataset(args, data_dir: str, loaded: models.LoadedCheckpoint, model):
+    """The split to evaluate: a timm dataset's, or an image folder labelled as the model's head has it."""
     model_classes = getattr(model, 'num_classes', None)
-    if args.dataset:
-        dataset = create_split_dataset(args.dataset, data_dir, args.split, args.max_bad_images)
-        data_classes = num_classes_of(dataset)
-        if model_classes and data_classes > model_classes:
-            raise DataError(f'{data_dir} has {data_classes} classes but the model predicts {model_classes}; '
-                            f'evaluate it on the validation split of the data it was trained on.')
-    else:
-        dataset = labelled_folder(data_dir, args, model_classes)
+    if not args.dataset:
+        return labelled_folder(data_dir, args, loaded, model_classes)
+    dataset = create_split_dataset(args.dataset, data_dir, args.split, args.max_bad_images)
+    data_classes = num_classes_of(dataset)
+    if model_classes and data_classes > model_classes:
+        raise DataError(f'{data_dir} has {data_classes} classes but the model predicts {model_classes}; '
+                        f'evaluate it on the validation split of the data it was trained on.')
+    return dataset
 
-    options = training_data_options(loaded)
-    given = {k: getattr(args, k, None) for k in DATA_OPTIONS if getattr(args, k, None) is not None}
+
+def evaluation_input(args, loaded: models.LoadedCheckpoint, model) -> dict:
+    """timm's data config: the options given here, over those the checkpoint was trained with, over the model's."""
+    options = recorded_input_options(loaded.args)
+    given = given_input_options(args)
     if 'img_size' in given or 'input_size' in given:
         # timm prefers input_size to img_size, so a trained input_size would beat a given --img-size.
         options.pop('img_size', None)
@@ -185,14 +143,27 @@ def validate(args) -> dict:
         if len(options.get(name) or [0]) not in (1, channels):
             raise OptionError(f'the normalisation {name} {tuple(options[name])} has {len(options[name])} values, but '
                               f'the input has {channels} channels; give --{name} with 1 or {channels}.')
-    data_config = resolve_input_config(options, model)
+    return resolve_input_config(options, model)
+
+
+def validate(args) -> dict:
+    runtime = init_runtime(args.device, threads=args.threads)
+    use_tf32_and_cudnn_benchmark(runtime.device)
+    setup_logging(None, runtime.is_primary)
+
+    data_dir = args.data_dir if args.dataset else evaluation_folder(args.data_dir, args.split)
+    loaded = models.read_checkpoint(args.checkpoint, use_ema=args.use_ema)
+    model = models.create_model_from_checkpoint(loaded, model_name=args.model, **args.model_kwargs).eval()
+    _logger.info(f'Checkpoint {args.checkpoint}: {describe_weights(loaded.weights, args.use_ema)}.')
+    dataset = evaluation_dataset(args, data_dir, loaded, model)
+    data_config = evaluation_input(args, loaded, model)
     loader = build_eval_loader(dataset, data_config, args.batch_size, runtime, loader_options(args, runtime.device))
 
     model.to(runtime.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    amp = args.amp or args.amp_dtype is not None  # naming the type asks for it, as in benchmark.py
-    _, _, precision = resolve_precision(runtime.device, amp=amp, amp_dtype=args.amp_dtype)
+    check_input_size(model, data_config['input_size'], runtime.device)
+    _, _, precision = resolve_precision(runtime.device, amp=amp_requested(args), amp_dtype=args.amp_dtype)
     run_model = model
     if args.torchcompile:
         run_model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
@@ -208,48 +179,51 @@ def validate(args) -> dict:
         unreadable_images=unreadable_count(dataset),
     )
     if runtime.is_primary:
-        left_out = results['unreadable_images']
-        _logger.info(
-            f'Validated on {data_dir}: top1 {results["top1"]:.3f}  top5 {results["top5"]:.3f}  '
-            f'loss {results["loss"]:.4f} | {results["images"]} images'
-            f'{f" ({left_out} unreadable ones left out)" if left_out else ""}, {results["params"]:,} params, '
-            f'{results["img_per_sec"]:.1f} img/s, {precision.description}, {runtime.world_size} process(es), '
-            f'input {data_config["input_size"]} crop {data_config["crop_pct"]} {data_config["interpolation"]}')
-        print(json.dumps(results, indent=2))
-        if args.results_file:
-            try:
-                with writing(args.results_file, '--results-file'):
-                    write_results(args.results_file, [results], run_environment(args.command, runtime.device))
-            except OutputError as e:
-                raise OutputError(f'{e} The results are printed above.') from None
+        report(args, results, data_dir, data_config, precision.description, runtime)
     return results
 
 
-def check_input_options(parser: argparse.ArgumentParser, args):
-    """Stop with the option named when the model or device cannot be used (not a traceback later); sizes are
-    checked with the other numbers (utils.args)."""
+def report(args, results: dict, data_dir: str, data_config: dict, precision: str, runtime):
+    """Log and print the results, and write them to --results-file."""
+    left_out = results['unreadable_images']
+    _logger.info(
+        f'Validated on {data_dir}: top1 {results["top1"]:.3f}  top5 {results["top5"]:.3f}  '
+        f'loss {results["loss"]:.4f} | {results["images"]} images'
+        f'{f" ({left_out} unreadable ones left out)" if left_out else ""}, {results["params"]:,} params, '
+        f'{results["img_per_sec"]:.1f} img/s, {precision}, {runtime.world_size} process(es), '
+        f'input {data_config["input_size"]} crop {data_config["crop_pct"]} {data_config["interpolation"]}')
+    print(json.dumps(results, indent=2))
+    if args.results_file:
+        try:
+            with writing(args.results_file, '--results-file'):
+                write_results(args.results_file, [results], run_environment(args.command, runtime.device))
+        except OutputError as e:
+            raise OutputError(f'{e} The results are printed above.') from None
+
+
+def check_options(parser: argparse.ArgumentParser, args):
+    """Stop with the option named when the options cannot work together, or the model or device cannot be
+    used (each value alone was checked as parsed)."""
+    if args.class_map and args.dataset:
+        parser.error('--class-map applies to image folders only, not to --dataset; leave it out.')
+    if args.results_file and results_format(args.results_file) is None:
+        parser.error(f'--results-file {args.results_file}: name it .csv or .json to choose the format.')
+    if not (args.data_dir or args.dataset):
+        parser.error('give the data folder to evaluate on (DIR or --data-dir).')
     problem = model_name_problem(args.model) if args.model else None
     if problem:
         parser.error(f'--model {args.model}: {problem} Or leave --model out to build the one the checkpoint describes.')
     if args.device and device_problem(args.device):
         parser.error(device_problem(args.device))
+    check_torchcompile(parser, args)
 
 
 def main(argv=None) -> int:
     parser = validate_parser()
     args = parser.parse_args(argv)
-    if args.class_map and args.dataset:
-        parser.error('--class-map applies to image folders only, not to --dataset; leave it out.')
     args.command = command_line('validate.py', sys.argv[1:] if argv is None else argv)
-    if args.results_file and results_format(args.results_file) is None:
-        parser.error(f'--results-file {args.results_file}: name it .csv or .json to choose the format.')
     args.data_dir = resolve_data_root(parser, args, config={})
-    if not (args.data_dir or args.dataset):
-        parser.error('give the data folder to evaluate on (DIR or --data-dir).')
-    check_integer_minimums(parser, args)
-    check_number_ranges(parser, args)
-    check_input_options(parser, args)
-    check_torchcompile(parser, args)
+    check_options(parser, args)
     return run_script(validate, args, (DataError, CheckpointError, OptionError, OutputError), _logger)
 
 

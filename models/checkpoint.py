@@ -28,6 +28,9 @@ from timm.layers import to_2tuple
 from timm.models._builder import pretrained_cfg_for_features
 from torch import nn
 
+from utils.errors import CheckpointError
+from utils.weights_choice import WEIGHT_KEYS, select_state_dict
+
 from . import eamlp, vip
 from .posmlp import VARIANT_EMBED_DIMS, PosMLP, checkpoint_filter_fn
 
@@ -41,18 +44,12 @@ ZIP_MAGIC = b'PK\x03\x04'
 SAFETENSORS_SUFFIX = '.safetensors'
 # The safetensors metadata entry (a JSON object) that holds a file's plain data: model name, arguments, class map.
 SAFETENSORS_DATA_KEY = 'checkpoint'
-# Entries that hold weights: a safetensors file's plain data may not claim them.
-WEIGHTS_KEYS = ('state_dict_ema', 'model_ema', 'state_dict', 'model')
 
 __all__ = [
     'CheckpointError', 'LoadedCheckpoint', 'atomic_file', 'create_model_from_checkpoint', 'infer_model_kwargs',
     'load_checkpoint_file', 'load_weights', 'read_checkpoint', 'recorded_model_kwargs', 'save_checkpoint_file',
     'select_state_dict',
 ]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unsafe, or does not fit the model."""
 
 
 def load_checkpoint_file(path: str, mmap: bool = False) -> Any:
@@ -118,7 +115,7 @@ def _load_safetensors_file(path: str) -> dict:
     if not isinstance(data, dict):
         raise CheckpointError(f'{path!r}: the {SAFETENSORS_DATA_KEY!r} entry of its metadata is not a JSON object; '
                               f'the file was altered. Use the original file.')
-    data = {k: v for k, v in data.items() if k not in WEIGHTS_KEYS}
+    data = {k: v for k, v in data.items() if k not in WEIGHT_KEYS}  # its plain data may not claim weights
     return dict(data, state_dict=state_dict)
 
 
@@ -157,7 +154,7 @@ def atomic_file(path: str, mode: str = 'wb', **open_kwargs):
     """A file object whose contents replace `path` only once they are whole: written to a temporary file in
     the same folder, synced, then renamed over `path`. A failure leaves `path` as it was and removes the
     temporary file, and re-raises the OSError behind it with `path` named; kill -9 can still leave the
-    temporary file, which utils.checkpointing removes from run folders.
+    temporary file, which utils.run_checkpoints removes from run folders.
 
     The file gets the permissions the process's umask gives new files, as a plain open() would.
     """
@@ -194,24 +191,6 @@ def save_checkpoint_file(obj: Any, path: str):
             f.write(_safetensors_bytes(obj))
         else:
             torch.save(obj, f)
-
-
-def select_state_dict(checkpoint: Any, use_ema: Optional[bool] = None) -> tuple:
-    """(state_dict, which) from a checkpoint: EMA weights when present unless use_ema is False."""
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f'a checkpoint must be a dict, got {type(checkpoint).__name__}.')
-    ema_key = next((k for k in ('state_dict_ema', 'model_ema') if isinstance(checkpoint.get(k), dict)), None)
-    live_key = next((k for k in ('state_dict', 'model') if isinstance(checkpoint.get(k), dict)), None)
-    if use_ema and ema_key is None:
-        raise CheckpointError('EMA weights were asked for, but the checkpoint has none (no state_dict_ema); '
-                              'use its live weights with use_ema=None or False (validate.py: leave out --use-ema).')
-    if ema_key is not None and use_ema is not False:
-        return checkpoint[ema_key], ema_key
-    if live_key is not None:
-        return checkpoint[live_key], live_key
-    if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        return checkpoint, 'state_dict'
-    raise CheckpointError(f'no weights found in the checkpoint (keys: {sorted(checkpoint)[:10]}).')
 
 
 @dataclass
@@ -298,6 +277,9 @@ RECORDED_INPUT_OPTIONS = {
     'mean': _numbers,
     'std': lambda v: _numbers(v, least=1e-12),
 }
+# The options that set a model's input (size, crop, resize filter, normalisation): train.py records them, validate.py
+# and inference.py take them, and weights files keep them.
+INPUT_OPTIONS = tuple(RECORDED_INPUT_OPTIONS)
 
 
 def recorded_args(args: Any, source: str) -> Dict[str, Any]:

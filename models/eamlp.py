@@ -32,7 +32,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .state_dict import training_weights
+from utils.weights_choice import training_weights
 
 _logger = logging.getLogger(__name__)
 

@@ -1,6 +1,8 @@
 """The gate ablation: the reduced training set, and a smoke run of the whole pipeline on a tiny folder."""
 import csv
 
+import pytest
+
 from conftest import make_image_folder
 from utils import ablation
 
@@ -27,8 +29,10 @@ def test_reduced_folder_keeps_val_and_is_reused(tmp_path, image_folder):
 
 
 def test_bad_options_name_the_fix(tmp_path, capsys):
-    assert ablation.main(['--out', str(tmp_path), '--reduced-fraction', '1.5']) == 1
-    assert 'between 0 and 1' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ablation.main(['--out', str(tmp_path), '--reduced-fraction', '1.5'])
+    error = capsys.readouterr().err
+    assert 'argument --reduced-fraction: must be between 0 and 1 (a share, e.g. 0.1), not 1.5' in error
     assert ablation.main(['--out', str(tmp_path), '--model-kwargs', 'win_size']) == 1
     assert '--model-kwargs' in capsys.readouterr().err
 

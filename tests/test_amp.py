@@ -13,7 +13,7 @@ from timm.utils import ApexScaler, NativeScaler
 from conftest import TINY_KWARGS
 
 from utils.amp import resolve_precision
-from utils.checkpointing import CheckpointKeeper, resume_training, training_state
+from utils.run_checkpoints import CheckpointKeeper, resume_training, training_state
 
 CUDA = torch.device('cuda')  # resolve_precision only reads its type; nothing here runs on it
 

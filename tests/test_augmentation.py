@@ -14,7 +14,8 @@ from conftest import TINY_MODEL_ARGS, make_image_folder
 import train
 from utils.args import train_parser
 from utils.augmentation import posterize
-from utils.data import TransformError, create_split_dataset, create_train_transform
+from utils.errors import TransformError
+from utils.data import create_split_dataset, create_train_transform
 
 DATA_CONFIG = dict(input_size=(3, 32, 32), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                    interpolation='bicubic', crop_pct=0.875, crop_mode='center')

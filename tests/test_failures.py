@@ -197,7 +197,7 @@ def test_names_over_255_bytes_are_one_line(tmp_path, capsys):
     data = make_image_folder(tmp_path / 'data', per_class=1)
     with pytest.raises(SystemExit):
         train_in_process(data, tmp_path / 'out', 'é' * 128, '--epochs', '1')
-    one_line_error(capsys, '--experiment is 256 bytes long, but a folder name may have at most 255')
+    one_line_error(capsys, 'argument --experiment: 256 bytes long, but a folder name may have at most 255')
     assert train_in_process(data, tmp_path / ('o' * 256), 'run', '--epochs', '1') == 1
     one_line_error(capsys, 'File name too long', 'at most 255 bytes')
 
@@ -285,13 +285,13 @@ def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
 
 
 @pytest.mark.parametrize('option, message', [
-    (['--img-size', '0'], '--img-size must be 1 or more, not 0.'),
-    (['--input-size', '3', '0', '32'], '--input-size values must be 1 or more, not 3 0 32.'),
-    (['--lr', '-1'], '--lr must be 0 or more, not -1.'),
-    (['--lr', 'nan'], '--lr must be a finite number, 0 or more, not nan.'),
-    (['--drop', '1.5'], '--drop must be from 0 to 1, not 1.5.'),
-    (['--smoothing', '1'], '--smoothing must be from 0 to below 1, not 1.'),
-    (['--num-classes', '0'], '--num-classes must be 1 or more, not 0.'),
+    (['--img-size', '0'], 'argument --img-size: must be 1 or more, not 0'),
+    (['--input-size', '3', '0', '32'], 'argument --input-size: must be 1 or more, not 0'),
+    (['--lr', '-1'], 'argument --lr: must be 0 or more, not -1'),
+    (['--lr', 'nan'], 'argument --lr: must be a finite number, 0 or more, not nan'),
+    (['--drop', '1.5'], 'argument --drop: must be from 0 to 1, not 1.5'),
+    (['--smoothing', '1'], 'argument --smoothing: must be from 0 to below 1, not 1'),
+    (['--num-classes', '0'], 'argument --num-classes: must be 1 or more, not 0'),
     (['--interpolation', 'wobbly'], '--interpolation wobbly: not a resize filter; give one of nearest, bilinear'),
     (['--train-interpolation', 'cubic'], '--train-interpolation cubic: not a resize filter; give one of nearest'),
     (['--aa', 'autoaugment'], '--aa autoaugment: not an augmentation policy timm knows (Unknown AA policy'),
@@ -304,8 +304,8 @@ def test_bad_training_options_are_named_before_anything_runs(capsys, option, mes
 
 
 @pytest.mark.parametrize('option, message', [
-    (['--crop-pct', '0'], '--crop-pct must be more than 0, not 0.'),
-    (['--std', '0.2', '0', '0.2'], '--std values must be more than 0, not 0.2 0 0.2.'),
+    (['--crop-pct', '0'], 'argument --crop-pct: must be more than 0, not 0'),
+    (['--std', '0.2', '0', '0.2'], 'argument --std: must be more than 0, not 0'),
 ])
 def test_bad_evaluation_numbers_are_named(capsys, option, message):
     with pytest.raises(SystemExit):

@@ -13,8 +13,9 @@ from conftest import TINY_KWARGS, make_image_folder
 import models
 import train
 import validate
-from utils.data import DataError, class_to_idx, create_split_dataset, create_training_datasets, unreadable_count
+from utils.data import class_to_idx, create_split_dataset, create_training_datasets, unreadable_count
 from utils import images
+from utils.errors import DataError
 from utils.images import read_rgb, to_rgb
 
 RNG = np.random.default_rng(0)

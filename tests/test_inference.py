@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from timm.data import ImageNetInfo
 
-from conftest import make_image_folder
+from conftest import TINY_KWARGS, make_image_folder
 from tool_helpers import CLASS_TO_IDX, write_checkpoint
 
 import inference
@@ -118,11 +118,20 @@ def test_bad_input_is_one_line(tmp_path, capsys, make, message):
     assert message in capsys.readouterr().out
 
 
+def test_a_size_a_fixed_size_model_refuses_is_one_line(tmp_path, capsys):
+    write_checkpoint(tmp_path / 'fixed.pth.tar', model_kwargs=dict(TINY_KWARGS, dynamic_img_pad=False))
+    folder = make_image_folder(tmp_path / 'images', per_class=1, splits=('val',)) / 'val'
+    checkpoint = str(tmp_path / 'fixed.pth.tar')
+    assert inference.main([str(folder), '--checkpoint', checkpoint, *FAST, '--img-size', '48']) == 1
+    out = capsys.readouterr().out
+    assert 'Stopped: posmlp_t cannot take input (3, 48, 48): ' in out and 'Traceback' not in out
+
+
 def test_bad_options_are_named(tmp_path, capsys, monkeypatch):
     base = [str(tmp_path), '--checkpoint', 'x.pth.tar']
     with pytest.raises(SystemExit):
         inference.main([*base, '--topk', '0'])
-    assert '--topk must be 1 or more' in capsys.readouterr().err
+    assert 'argument --topk: must be 1 or more, not 0' in capsys.readouterr().err
     monkeypatch.setitem(__import__('sys').modules, 'pyarrow', None)  # as if pyarrow were not installed
     with pytest.raises(SystemExit):
         inference.main([*base, '--results-format', 'parquet'])

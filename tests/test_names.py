@@ -2,9 +2,10 @@
 import pytest
 
 import benchmark
+import onnx_export
 import validate
 from utils.args import parse_train_args
-from utils.names import model_name_problem
+from utils.option_checks import model_name_problem
 
 SUGGESTION = 'posmlp_tt: no such model; did you mean posmlp_t'
 
@@ -20,7 +21,8 @@ def test_close_names_are_suggested():
     lambda: parse_train_args(['--model', 'posmlp_tt', 'data']),
     lambda: validate.main(['data', '--checkpoint', 'x', '--model', 'posmlp_tt']),
     lambda: benchmark.parse_args(['--model', 'posmlp_tt']),
-], ids=['train', 'validate', 'benchmark'])
+    lambda: onnx_export.main(['x.onnx', '--model', 'posmlp_tt']),
+], ids=['train', 'validate', 'benchmark', 'onnx_export'])
 def test_every_script_suggests_the_same_names(parse, capsys):
     with pytest.raises(SystemExit):
         parse()

@@ -15,9 +15,10 @@ from conftest import ROOT, TINY_MODEL_ARGS, make_image_folder, script_env
 
 import train
 import validate
-from utils import amp, engine
+from utils import amp, engine, recipe
 from utils.args import parse_train_args
 from utils.distributed import Runtime
+from utils.errors import NonFiniteLossError
 
 CPU = Runtime(torch.device('cpu'))
 
@@ -100,16 +101,16 @@ def test_the_losses_are_read_at_the_log_interval_not_every_step(monkeypatch):
 
 def test_a_non_finite_loss_stops_at_the_next_check_naming_the_steps_since_the_last_one():
     events = []
-    with pytest.raises(engine.NonFiniteLossError) as error:
+    with pytest.raises(NonFiniteLossError) as error:
         run_epoch(8, events, poison={4: float('nan')}, log_interval=4)
     # Checked after steps 1, 5 and 8: the NaN of step 4 is found at step 5, and nothing after it runs.
     assert 'the loss became nan in epoch 0, at one of steps 2-5 (those since the last check) of 8' in str(error.value)
     assert 'updates up to step 5 may have been applied' in str(error.value)
     assert events.count('forward') == 5
 
-    with pytest.raises(engine.NonFiniteLossError, match=r'became inf in epoch 0, at one of steps 6-8 \('):
+    with pytest.raises(NonFiniteLossError, match=r'became inf in epoch 0, at one of steps 6-8 \('):
         run_epoch(8, [], poison={8: float('inf')}, log_interval=4)
-    with pytest.raises(engine.NonFiniteLossError, match='became inf in epoch 0, at step 3 of 8, on at least one'):
+    with pytest.raises(NonFiniteLossError, match='became inf in epoch 0, at step 3 of 8, on at least one'):
         run_epoch(8, [], poison={3: float('inf')}, log_interval=1)
 
 
@@ -188,7 +189,7 @@ def test_ddp_broadcasts_buffers_only_with_ddp_bb(tmp_path, argv, broadcast):
     args = parse_train_args(['data', *argv])
     dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
     try:
-        model = train.wrap_ddp(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)), CPU, args)
+        model = recipe.wrap_ddp(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)), CPU, args)
         assert model.broadcast_buffers is broadcast
     finally:
         dist.destroy_process_group()
@@ -198,7 +199,7 @@ def test_dist_bn_off_without_buffer_broadcasting_is_named(tmp_path, caplog):
     args = parse_train_args(['data', '--dist-bn', ''])
     dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
     try:
-        train.wrap_ddp(torch.nn.Linear(2, 2), CPU, args)
+        recipe.wrap_ddp(torch.nn.Linear(2, 2), CPU, args)
     finally:
         dist.destroy_process_group()
     assert "--dist-bn '' without --ddp-bb: each process keeps BatchNorm statistics of its own data" in caplog.text

@@ -20,14 +20,18 @@ from timm.utils import ModelEmaV3, NativeScaler
 
 from conftest import ROOT, TINY_KWARGS, TINY_MODEL_ARGS, make_image_folder, reference_path, script_env
 
+import inference
 import train
 import validate
 from models import CheckpointError
-from utils.args import OptionError, parse_train_args
 from utils import engine, outputs
-from utils.checkpointing import CheckpointKeeper, resume_training, training_state
+from utils.args import parse_train_args
+from utils.data import create_split_dataset, use_input_channels
 from utils.distributed import Runtime
+from utils.errors import OptionError
+from utils.images import read_rgb
 from utils.outputs import append_summary, claim_run_folder, run_folder_conflict, supersede_summary_rows
+from utils.run_checkpoints import CheckpointKeeper, resume_training, training_state
 
 FAST = ['-b', '4', '-j', '0', '--threads', '1', '--warmup-epochs', '0', '--cooldown-epochs', '0', '--log-interval', '1']
 SUMMARY_COLUMNS = ['epoch', 'lr', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5']
@@ -157,30 +161,39 @@ def test_a_hand_written_config_gives_the_data_root_and_warns_that_it_does_not_re
 
 
 @pytest.mark.parametrize('text, message', [
-    ('learning_rate: 0.1\n', "unknown key 'learning_rate'"),
-    ('lr: fast\n', "lr: 'fast' is not a valid float"),
-    ('amp: 1.0\n', 'amp is an on/off option'),
-    ('eval_metric: top3\n', "eval_metric: 'top3' is not one of"),
-    ('input_size: 224\n', 'input_size takes a list of 3 values (C H W), not 224'),
-    ('scale: 0.8\n', 'scale takes a list of 2 values (MIN MAX), not 0.8'),
-    ('batch_size: 64.0\n', 'batch_size: 64.0 is not a valid int'),
-    ('lr: true\n', 'lr: True is not a valid float'),
-    ('log_interval: 0\n', '--log-interval must be 1 or more, not 0'),
+    ('learning_rate: 0.1\n', "unknown key 'learning_rate'; it is not an option of train.py"),
+    ('lr: fast\n', "lr: 'fast' (read as --lr=fast): argument --lr: invalid float value: 'fast'"),
+    ('amp: 1.0\n', "amp: 1.0 (read as --amp=1.0): argument --amp/--no-amp: ignored explicit argument '1.0'"),
+    ('eval_metric: top3\n', "eval_metric: 'top3' (read as --eval-metric=top3): argument --eval-metric: invalid "
+                            "choice: 'top3'"),
+    ('input_size: 224\n', 'input_size: 224 (read as --input-size=224): argument --input-size: expected 3 arguments'),
+    ('scale: 0.8\n', 'scale: 0.8 (read as --scale=0.8): argument --scale: expected 2 arguments'),
+    ('batch_size: 64.0\n', "batch_size: 64.0 (read as --batch-size=64.0): argument -b/--batch-size: invalid int "
+                           "value: '64.0'"),
+    ('lr: true\n', 'lr: True (read as --lr): argument --lr: expected one argument'),
+    ('lr: false\n', 'lr: False (read as --no-lr): unrecognized arguments: --no-lr'),
+    ('lr: [0.1, 0.2]\n', 'lr: [0.1, 0.2] (read as --lr 0.1 0.2): more values than the option takes'),
+    ('model_kwargs: 3\n', "model_kwargs: 3 (read as --model-kwargs=3): argument --model-kwargs: '3' is not KEY=VALUE"),
+    ('log_interval: 0\n', 'log_interval: 0 (read as --log-interval=0): argument --log-interval: must be 1 or more, '
+                          'not 0'),
 ])
 def test_bad_config_is_named(tmp_path, capsys, text, message):
+    """argparse parses a config's values as it parses the command line; the error names the file and the key."""
     config = tmp_path / 'bad.yaml'
     config.write_text(text)
     with pytest.raises(SystemExit) as exit_info:
         parse_train_args(['-c', str(config), 'data'])
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    error, = [line for line in capsys.readouterr().err.splitlines() if 'error:' in line]
+    assert f'train.py: error: config {config}: {message}' in error
 
 
 @pytest.mark.parametrize('option, message', [
-    (['--log-interval', '0'], '--log-interval must be 1 or more, not 0.'),
-    (['-b', '0'], '-b/--batch-size must be 1 or more, not 0.'),
-    (['-j', '-1'], '-j/--workers must be 0 or more, not -1; 0 loads the data in the main process.'),
-    (['--max-bad-images', '-1'], '--max-bad-images must be 0 or more, not -1; 0 stops at the first unreadable image.'),
+    (['--log-interval', '0'], 'argument --log-interval: must be 1 or more, not 0'),
+    (['-b', '0'], 'argument -b/--batch-size: must be 1 or more, not 0'),
+    (['-j', '-1'], 'argument -j/--workers: must be 0 or more, not -1; 0 loads the data in the main process'),
+    (['--max-bad-images', '-1'], 'argument --max-bad-images: must be 0 or more, not -1; 0 stops at the first '
+                                 'unreadable image'),
 ])
 def test_bad_numbers_are_named(capsys, option, message):
     with pytest.raises(SystemExit):
@@ -614,3 +627,29 @@ def test_short_command_line_runs(tmp_path):
                         cwd=tmp_path)
     assert 'Model posmlp_s' in result.stdout and 'configs/posmlp_s.yaml holds the paper' in result.stdout
     assert load_checkpoint(tmp_path / 'out' / 'short' / 'last.pth.tar')['model_name'] == 'posmlp_s'
+
+
+def test_a_one_channel_model_trains_and_evaluates_on_grey_images_of_rgb_folders(tmp_path, capsys):
+    """As timm's input_img_mode: images are read as grey (luma) for 1 input channel; the model's RGB mean and std
+    become their averages, in the workers' normalisation as in the prefetcher's."""
+    data = make_image_folder(tmp_path / 'data', per_class=2)
+    assert train_in_process(data, tmp_path / 'out', 'grey', '--epochs', '1', '--in-chans', '1') == 0
+    assert "'input_size': (1, 32, 32)" in capsys.readouterr().out
+    checkpoint = str(tmp_path / 'out' / 'grey' / 'last.pth.tar')
+    assert validate.main([str(data), '--checkpoint', checkpoint, '-j', '0']) == 0
+    assert inference.main([str(data / 'val'), '--checkpoint', checkpoint, '-j', '0', '--results-dir',
+                           str(tmp_path / 'predictions')]) == 0
+    dataset = create_split_dataset('', str(data / 'val'), 'validation')
+    use_input_channels(dataset, 1)
+    image, _ = dataset[0]
+    grey = read_rgb(dataset.reader.samples[0][0]).convert('L')
+    assert image.mode == 'L' and image.tobytes() == grey.tobytes()
+    with pytest.raises(OptionError, match='the input has 4 channels, but images are read as RGB'):
+        use_input_channels(dataset, 4)
+
+
+def test_a_model_that_cannot_be_built_is_one_sentence(tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'data', per_class=1)
+    assert train_in_process(data, tmp_path / 'out', 'bad', '--epochs', '1', '--model-kwargs', 'gate=nope') == 1
+    line, = [line for line in capsys.readouterr().out.splitlines() if 'ERROR' in line]
+    assert "gate='nope' is not one of ('gqpe', 'lrpe', 'sgu'). Check --model-kwargs" in line and '..' not in line

@@ -6,8 +6,9 @@ import torch.distributed as dist
 import torch.multiprocessing
 
 from conftest import make_image_folder
-from utils.data import DataError, check_unreadable, create_split_dataset, unreadable_count
+from utils.data import check_unreadable, create_split_dataset, unreadable_count
 from utils.distributed import Runtime
+from utils.errors import DataError
 
 
 def _check(dataset, runtime) -> str:

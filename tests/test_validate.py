@@ -14,12 +14,14 @@ from PIL import Image
 from conftest import (
     ROOT, TINY_KWARGS, TINY_MODEL_ARGS, make_image_folder, reference_path, restored_process_state, script_env,
 )
+from tool_helpers import CLASS_TO_IDX, write_checkpoint
 
 import models
 import train
 import validate
 from utils.amp import resolve_precision
-from utils.data import DataError, create_eval_transform, create_training_datasets, resolve_input_config
+from utils.data import create_eval_transform, create_training_datasets, resolve_input_config
+from utils.errors import DataError
 
 
 pytestmark = pytest.mark.usefixtures('in_process_run')
@@ -228,17 +230,18 @@ def test_bad_input_is_named(tmp_path, capsys, case, message):
 @pytest.mark.parametrize('argv, message', [
     (['a', '--data-dir', 'b'], 'given twice, as a and as --data-dir b'),
     ([], 'give the data folder'),
-    (['a', '-b', '0'], '-b/--batch-size must be 1 or more, not 0.'),
-    (['a', '-j', '-1'], '-j/--workers must be 0 or more, not -1; 0 loads the data in the main process.'),
-    (['a', '--log-interval', '0'], '--log-interval must be 1 or more, not 0.'),
-    (['a', '--max-bad-images', '-1'], '--max-bad-images must be 0 or more, not -1; 0 stops at the first'),
-    (['a', '--threads', '-2'], "--threads must be 0 or more, not -2; 0 uses torch's default."),
+    (['a', '-b', '0'], 'argument -b/--batch-size: must be 1 or more, not 0'),
+    (['a', '-j', '-1'], 'argument -j/--workers: must be 0 or more, not -1; 0 loads the data in the main process'),
+    (['a', '--log-interval', '0'], 'argument --log-interval: must be 1 or more, not 0'),
+    (['a', '--max-bad-images', '-1'], 'argument --max-bad-images: must be 0 or more, not -1; 0 stops at the first'),
+    (['a', '--threads', '-2'], "argument --threads: must be 0 or more, not -2; 0 uses torch's default"),
     (['a', '--interpolation', 'foo'], "--interpolation: invalid choice: 'foo'"),
     (['a', '--crop-mode', 'foo'], "--crop-mode: invalid choice: 'foo'"),
-    (['a', '--img-size', '0'], '--img-size must be 1 or more, not 0.'),
-    (['a', '--input-size', '3', '0', '32'], '--input-size values must be 1 or more, not 3 0 32.'),
+    (['a', '--img-size', '0'], 'argument --img-size: must be 1 or more, not 0'),
+    (['a', '--input-size', '3', '0', '32'], 'argument --input-size: must be 1 or more, not 0'),
     (['a', '--model', 'posmlp_tt'], '--model posmlp_tt: no such model; did you mean posmlp_t'),
     (['a', '--device', 'foo'], '--device foo: not a device; give cpu, cuda or cuda:N.'),
+    (['a', '--model-kwargs', 'gate'], "argument --model-kwargs: 'gate' is not KEY=VALUE (e.g. gate=lrpe)"),
 ])
 def test_bad_options_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -368,3 +371,30 @@ def test_folders_lacking_classes_are_labelled_as_in_training(trained_run, tmp_pa
         results = printed_results(capsys.readouterr().out)
         correct[part] = round(results['top1'] * results['images'] / 100)
     assert correct['whole'] == correct['a'] + correct['bc']
+
+
+@pytest.mark.parametrize('name, kwargs, size, problem', [
+    ('vip_s7', dict(img_size=56, layers=(1, 1, 1, 1), embed_dims=(16, 32, 32, 32), segment_dim=(8, 4, 4, 4)), 64,
+     'ViP takes only 56x56 input'),
+    ('posmlp_t', dict(TINY_KWARGS, dynamic_img_pad=False), 48, 'which does not divide into 2x2 windows'),
+])
+def test_a_size_a_fixed_size_model_refuses_is_one_line(tmp_path, capsys, name, kwargs, size, problem):
+    checkpoint = tmp_path / 'fixed.pth.tar'
+    write_checkpoint(checkpoint, model_name=name, model_kwargs=kwargs)
+    data = make_image_folder(tmp_path / 'data', classes=tuple(CLASS_TO_IDX), per_class=1, splits=('val',))
+    assert validate.main([str(data), '--checkpoint', str(checkpoint), '-j', '0', '--img-size', str(size)]) == 1
+    out = capsys.readouterr().out
+    assert f'Stopped: {name} cannot take input (3, {size}, {size}): ' in out and problem in out
+    assert 'Give --img-size (or --input-size) a size it takes' in out and 'Traceback' not in out
+
+
+@pytest.mark.parametrize('labels', [{'cat': 'zero', 'dog': 1, 'fox': 2}, {'cat': True, 'dog': 1, 'fox': 2},
+                                    {'cat': -1, 'dog': 1, 'fox': 2}, {'cat': 0.0, 'dog': 1, 'fox': 2}])
+def test_a_class_map_whose_labels_are_not_labels_is_refused(tmp_path, capsys, labels):
+    checkpoint = tmp_path / 'tampered.pth.tar'
+    write_checkpoint(checkpoint, class_to_idx=labels)
+    data = make_image_folder(tmp_path / 'data', classes=tuple(labels), per_class=1, splits=('val',))
+    assert validate.main([str(data), '--checkpoint', str(checkpoint), '-j', '0']) == 1
+    out = capsys.readouterr().out
+    assert (f'Stopped: the class_to_idx of {checkpoint} is not a class map: its labels must be whole numbers '
+            f'from 0, not {next(iter(labels.values()))!r}.') in out and 'Traceback' not in out

@@ -10,6 +10,7 @@ import models
 from conftest import TINY_KWARGS, reference_path
 from models.posmlp import PoSGU
 from utils import visualize
+from utils.errors import VisualizeError
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
@@ -102,15 +103,15 @@ def test_sgu_checkpoint_maps(tmp_path, sgu_checkpoint):
 
 def test_bad_block_and_token_name_the_fix(tmp_path, sgu_checkpoint, capsys):
     path, model = sgu_checkpoint
-    with pytest.raises(visualize.VisualizeError, match=r'no such block.*depths \[1, 1, 1, 1\]'):
+    with pytest.raises(VisualizeError, match=r'no such block.*depths \[1, 1, 1, 1\]'):
         visualize.parse_block('4.0', model)
-    with pytest.raises(visualize.VisualizeError, match='no such block'):
+    with pytest.raises(VisualizeError, match='no such block'):
         visualize.parse_block('0.1', model)
-    with pytest.raises(visualize.VisualizeError, match='STAGE.BLOCK'):
+    with pytest.raises(VisualizeError, match='STAGE.BLOCK'):
         visualize.parse_block('0-0', model)
-    with pytest.raises(visualize.VisualizeError, match=r'outside a 4x4 window'):
+    with pytest.raises(VisualizeError, match=r'outside a 4x4 window'):
         visualize.parse_token('4,0', 4)
-    with pytest.raises(visualize.VisualizeError, match="'center'"):
+    with pytest.raises(VisualizeError, match="'center'"):
         visualize.parse_token('middle', 4)
     out = tmp_path / 'never.png'
     assert visualize.main(['maps', '--checkpoint', str(path), '--blocks', '9.0', '--out', str(out)]) == 1
@@ -144,12 +145,12 @@ def test_curves(tmp_path):
 
 def test_curves_bad_input(tmp_path):
     summary = write_summary(tmp_path / 'a.csv')
-    with pytest.raises(visualize.VisualizeError, match='one label per'):
+    with pytest.raises(VisualizeError, match='one label per'):
         visualize.draw_curves([str(summary)], str(tmp_path / 'x.png'), labels=['a', 'b'])
-    with pytest.raises(visualize.VisualizeError, match='does not exist'):
+    with pytest.raises(VisualizeError, match='does not exist'):
         visualize.read_summary(str(tmp_path / 'missing.csv'))
     (tmp_path / 'other.csv').write_text('step,value\n0,1\n')
-    with pytest.raises(visualize.VisualizeError, match='lacks the column'):
+    with pytest.raises(VisualizeError, match='lacks the column'):
         visualize.read_summary(str(tmp_path / 'other.csv'))
 
 
@@ -162,7 +163,7 @@ def test_missing_matplotlib_says_how_to_install(monkeypatch, tmp_path, capsys):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, '__import__', no_matplotlib)
-    with pytest.raises(visualize.VisualizeError, match='pip install matplotlib'):
+    with pytest.raises(VisualizeError, match='pip install matplotlib'):
         visualize.require_pyplot()
     summary = write_summary(tmp_path / 'a.csv')
     assert visualize.main(['curves', str(summary), '--out', str(tmp_path / 'c.png')]) == 1

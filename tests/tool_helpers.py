@@ -6,7 +6,7 @@ from timm.utils import ModelEmaV3
 from conftest import TINY_KWARGS
 
 import models
-from utils.checkpointing import training_state
+from utils.run_checkpoints import training_state
 
 CLASS_TO_IDX = {'cat': 0, 'dog': 1, 'fox': 2}
 # Input options a run records: evaluation must use them (not the model's 224 px defaults).

@@ -15,16 +15,13 @@ args.yaml are copied to --out/<run>/, and --out gets results.csv (one row per ru
 are reused unless --rerun is given. Options after `--` go to every train.py call as they are.
 """
 import argparse
-import csv
 import json
-import os
 import random
 import shlex
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,19 +31,20 @@ import utils.offline  # noqa: F401  (first: the hub client reads its switches wh
 
 import yaml
 
-from utils.data import DataError
+from utils.config import read_config
+from utils.errors import AblationError, DataError
+from utils.option_checks import Number, at_least
+from utils.outputs import atomic_folder, read_summary_rows, write_atomically
+from utils.results import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 GATES = ('gqpe', 'lrpe', 'sgu')
 REGIMES = ('full', 'reduced')
 SUBSET_LIST = 'subset.txt'  # inside a reduced data folder: the training images it holds
 RUN_RECORD = 'ablation_run.json'  # inside a run folder: the settings it ran with and its wall time
+SHARE = Number(float, 'between 0 and 1 (a share, e.g. 0.1)', lambda value: 0 < value < 1)
 RESULT_FIELDS = ('run', 'gate', 'regime', 'seed', 'train_images', 'epochs', 'params', 'final_top1', 'best_top1',
                  'best_epoch', 'final_eval_loss', 'seconds')
-
-
-class AblationError(RuntimeError):
-    """The ablation cannot go on; the message names the problem and the fix."""
 
 
 @dataclass
@@ -91,20 +89,12 @@ def build_reduced_folder(source: Path, fraction: float, seed: int, dest: Path) -
     listing = dest / SUBSET_LIST
     if listing.is_file() and listing.read_text().split() == subset and (dest / 'val').is_dir():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f'.{dest.name}-', dir=dest.parent))
-    try:
+    with atomic_folder(str(dest), replace=True) as staging:
         for relative in subset:
-            (staging / 'train' / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(train_dir / relative, staging / 'train' / relative)
-        shutil.copytree(val_dir, staging / 'val')
-        (staging / SUBSET_LIST).write_text('\n'.join(subset) + '\n')
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            (Path(staging) / 'train' / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(train_dir / relative, Path(staging) / 'train' / relative)
+        shutil.copytree(val_dir, Path(staging) / 'val')
+        (Path(staging) / SUBSET_LIST).write_text('\n'.join(subset) + '\n')
     return dest
 
 
@@ -113,13 +103,8 @@ def count_images(split_dir: Path) -> int:
 
 
 def load_config(path: Path) -> dict:
-    if not path.is_file():
-        raise AblationError(f'config {path} does not exist; pass the training config with --config.')
-    with open(path) as f:
-        config = yaml.safe_load(f) or {}
-    if not isinstance(config, dict):
-        raise AblationError(f'config {path} is not a mapping of option: value.')
-    return {str(k).replace('-', '_'): v for k, v in config.items()}
+    """The training config every run shares, read as train.py reads it (its keys with underscores)."""
+    return {str(k).replace('-', '_'): v for k, v in read_config(build_parser(), str(path)).items()}
 
 
 def parse_model_kwargs(items: Sequence[str]) -> dict:
@@ -151,11 +136,6 @@ def train_command(config: Path, regime: Regime, gate: str, seed: int, model_kwar
         '--output', shown_path(runs_dir), '--experiment', run, '--checkpoint-hist', '0',
         *extra,
     ]
-
-
-def read_summary_rows(path: Path) -> List[dict]:
-    with open(path, newline='') as f:
-        return list(csv.DictReader(f))
 
 
 def finished_record(run_dir: Path, command: List[str], epochs: int) -> Optional[dict]:
@@ -214,11 +194,9 @@ def mean_std(values: Sequence[float]) -> str:
     return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}'
 
 
-def write_results(results: List[dict], out: Path, header: str):
-    with open(out / 'results.csv', 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
-        writer.writeheader()
-        writer.writerows(results)
+def write_tables(results: List[dict], out: Path, header: str):
+    """results.csv (one row per run) and table.md (mean and std over seeds per gate and regime)."""
+    write_results(str(out / 'results.csv'), [{k: row[k] for k in RESULT_FIELDS} for row in results], environment={})
     lines = [header, '',
              '| gate | regime | train images | epochs | params | top-1 final epoch | top-1 best epoch | n |',
              '|---|---|---:|---:|---:|---|---|---:|']
@@ -230,7 +208,7 @@ def write_results(results: List[dict], out: Path, header: str):
             f'| {gate} | {regime} | {rows[0]["train_images"]} | {rows[0]["epochs"]} | {rows[0]["params"]:,} | '
             f'{mean_std([r["final_top1"] for r in rows])} | {mean_std([r["best_top1"] for r in rows])} | '
             f'{len(rows)} |')
-    (out / 'table.md').write_text('\n'.join(lines) + '\n')
+    write_atomically(str(out / 'table.md'), '\n'.join(lines) + '\n')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,10 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--gates', nargs='+', default=list(GATES), choices=GATES)
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
     parser.add_argument('--regimes', nargs='+', default=list(REGIMES), choices=REGIMES)
-    parser.add_argument('--reduced-fraction', type=float, default=0.1,
+    parser.add_argument('--reduced-fraction', type=SHARE, default=0.1,
                         help='share of every class of the training split the reduced regime keeps')
     parser.add_argument('--subset-seed', type=int, default=0, help='seed that picks the reduced training set')
-    parser.add_argument('--epochs', type=int, default=None,
+    parser.add_argument('--epochs', type=at_least(1), default=None,
                         help="epochs of the full regime (default: the config's); the reduced regime runs "
                              "1/fraction times as many")
     # Spelled as in train.py and benchmark.py; --model-kwarg is the old name, kept for the commands in logs/.
@@ -259,8 +237,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_ablation(args, extra: Sequence[str]):
-    if not 0 < args.reduced_fraction < 1:
-        raise AblationError(f'--reduced-fraction {args.reduced_fraction}: give a share between 0 and 1, e.g. 0.1.')
     extra_model_kwargs = parse_model_kwargs(args.model_kwargs)
     config_path = Path(args.config).resolve()
     config = load_config(config_path)
@@ -328,7 +304,7 @@ def run_ablation(args, extra: Sequence[str]):
                       f'seed {args.subset_seed}, listed in reduced_train_images.txt), {scale}x the epochs and '
                       f'warmup epochs, so about as many optimizer updates as full.')
     header += [f'- compute: {total_seconds / 60:.1f} min of training in all.', f'- reproduce: `{command}`']
-    write_results(results, out, '\n'.join(header))
+    write_tables(results, out, '\n'.join(header))
     print(f'wrote {out / "results.csv"} and {out / "table.md"} ({total_seconds / 60:.1f} min of training)')
     print((out / 'table.md').read_text())
 

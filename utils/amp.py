@@ -61,6 +61,11 @@ def has_gqpe(model) -> bool:
     return any(isinstance(module, GQPE) for module in model.modules())
 
 
+def resolve_amp_dtype(device: torch.device, amp_dtype: Optional[str] = None) -> str:
+    """The autocast type: `amp_dtype`, else the device's default (DEFAULT_AMP_DTYPE)."""
+    return amp_dtype or DEFAULT_AMP_DTYPE.get(device.type, 'float16')
+
+
 def _native(device: torch.device, amp_dtype: str, note: str = '', warn: Callable = _logger.warning) -> Precision:
     dtype = AMP_DTYPES[amp_dtype]
     if note:
@@ -79,7 +84,7 @@ def resolve_precision(device: torch.device, amp: bool = False, apex: bool = Fals
     `announce` False keeps a fallback warning to the debug log (every process but the first of a launch).
     """
     warn = _logger.warning if announce else _logger.debug
-    amp_dtype = amp_dtype or DEFAULT_AMP_DTYPE.get(device.type, 'float16')
+    amp_dtype = resolve_amp_dtype(device, amp_dtype)
     if apex:
         apex_module, reason = apex_amp()
         if apex_module is not None and device.type != 'cuda':

@@ -1,33 +1,35 @@
-"""train.py's options, and YAML config files (`-c FILE`) that set their defaults.
+"""train.py's options, and the option groups the other scripts share.
 
-Precedence: built-in defaults < config file < command line. A config key is an option's name with
-dashes or underscores (`drop_path: 0.1`, `model-ema: true`); an unknown key is an error, and string
-values are converted with the option's type (YAML reads `2e-3` as a string). The run's `args.yaml`
-is itself a valid config. A config's `data` (the positional root) is read as `data_dir` when it has
-none; its `resume` is not read (only a --resume on the command line continues a run), with a warning.
+Precedence: built-in defaults < a resumed checkpoint's recorded options < config file (`-c FILE`) < command
+line. Configs and recorded options are parsed by the same parser as the command line (utils/config.py), so
+argparse checks their types, choices, numbers of values and bounds (utils/option_checks.py) alike; what
+only the options together can tell is checked here (`check_train_options`). The run's `args.yaml` is itself
+a valid config. A config's `data` (the positional root) is read as `data_dir` when it has none; its `resume`
+is not read (only a --resume on the command line continues a run), with a warning.
 """
 import argparse
-import math
+import logging
 import os
 import re
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import yaml
 from timm.data import create_transform
 from timm.optim import get_optimizer_info
 from timm.utils import ParseKwargs
 
-import models  # noqa: F401  (registers the PosMLP models with timm)
-from models import CheckpointError
 from models.checkpoint import WEIGHT_SOURCE_ARGS, atomic_file, recorded_model_kwargs
-from .checkpointing import read_resumable
-from .names import model_name_problem
+from .config import ConfigurableParser, read_config
+from .errors import CheckpointError
+from .option_checks import (
+    at_least, bad_image_limit, folder_name, model_name_problem, non_negative, positive, probability, smoothing,
+    thread_count, worker_count,
+)
+from .run_checkpoints import read_resumable
+from .weights_choice import resolve_best_from_ema
 
-
-class OptionError(ValueError):
-    """Options that cannot work together or with this machine; the message says what to change."""
-
+_logger = logging.getLogger(__name__)
 
 # args.yaml names the config its run was made from; a config does not chain to another.
 CONFIG_IGNORED_KEYS = ('config',)
@@ -36,6 +38,18 @@ CONFIG_IGNORED_KEYS = ('config',)
 # would make every run made from it continue one run; and a config's best_from_ema: true asks for ranking
 # by the EMA model only while there is one, so --no-model-ema does not clash with it.
 CONFIG_HELD_BACK_KEYS = ('data', 'data_dir', 'resume', 'best_from_ema')
+# Options of the run a bare --resume continues that it does not take over from the checkpoint: the command line's
+# own (resume, config; the data root only when none is given, see parse_train_args), this machine's (device,
+# local_rank), and those that would read another file or reach the network (initial_checkpoint: the weights
+# come from the checkpoint; log_wandb: on request only). best_from_ema is weighed as a config's is.
+RESUME_HELD_BACK_KEYS = ('config', 'resume', 'data', 'data_dir', 'device', 'local_rank', 'initial_checkpoint',
+                         'log_wandb', 'best_from_ema')
+# The data root DIR is positional: no --option reads it from a mapping, so its value is taken as it is given.
+POSITIONAL_DATA_KEY = 'data'
+# The resize filters timm's transforms know by name ('random' picks bilinear or bicubic per training image).
+INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
+CROP_MODES = ('center', 'squash', 'border')
+AMP_DTYPES = ('float16', 'bfloat16')
 
 
 def plain(value: Any) -> Any:
@@ -56,7 +70,18 @@ def write_args_yaml(args: argparse.Namespace, path: str):
         yaml.safe_dump(plain_args(args), f, sort_keys=False)
 
 
-class MergeKwargs(ParseKwargs):
+class ModelKwargs(ParseKwargs):
+    """timm's KEY=VALUE option (values as Python literals where they parse as one, else strings); a word
+    without `=` is an error that names it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        malformed = [value for value in values if value and '=' not in value]
+        if malformed:
+            raise argparse.ArgumentError(self, f'{malformed[0]!r} is not KEY=VALUE (e.g. gate=lrpe)')
+        super().__call__(parser, namespace, values, option_string)
+
+
+class MergeKwargs(ModelKwargs):
     """KEY=VALUE options that update the mapping a config file gave, key by key, instead of replacing it:
     `-c configs/quickstart.yaml --model-kwargs gate=lrpe` keeps the config's architecture."""
 
@@ -64,156 +89,6 @@ class MergeKwargs(ParseKwargs):
         base = dict(getattr(namespace, self.dest, None) or {})
         super().__call__(parser, namespace, values, option_string)
         setattr(namespace, self.dest, {**base, **getattr(namespace, self.dest)})
-
-
-def _is_flag(action: argparse.Action) -> bool:
-    return action.nargs == 0
-
-
-def _convert(parser, path: str, key: str, action: argparse.Action, value: Any) -> Any:
-    if value is None:
-        return None
-    if _is_flag(action):
-        if not isinstance(value, bool):
-            parser.error(f'config {path}: {key} is an on/off option; give it true or false, not {value!r}.')
-        return value
-    if isinstance(action, ParseKwargs):
-        if not isinstance(value, dict):
-            parser.error(f'config {path}: {key} must be a mapping of keyword arguments, e.g. '
-                         f'{{depths: [2, 2, 6, 2]}}, not {value!r}.')
-        return value
-    if action.nargs == '?' and action.const is not None and isinstance(value, bool):
-        return action.const if value else None  # `torchcompile: true` as the bare option on the command line
-    many = action.nargs not in (None, '?')
-    items = value if isinstance(value, list) else [value]
-    if not many and isinstance(value, list):
-        parser.error(f'config {path}: {key} takes one value, not a list ({value!r}).')
-    if isinstance(action.nargs, int) and len(items) != action.nargs:
-        names = f' ({" ".join(action.metavar)})' if isinstance(action.metavar, tuple) else ''
-        parser.error(f'config {path}: {key} takes a list of {action.nargs} values{names}, not {value!r}.')
-    if action.nargs == '+' and not items:
-        parser.error(f'config {path}: {key} takes a list of one or more values, not an empty one.')
-    converted = []
-    for item in items:
-        kind = getattr(action.type, '__name__', 'value')
-        if action.type is not None and isinstance(item, str):
-            try:
-                item = action.type(item)
-            except (TypeError, ValueError):
-                parser.error(f'config {path}: {key}: {item!r} is not a valid {kind}.')
-        # YAML has already typed the other values: an int option takes no 64.0, a number option no true.
-        numbers = {int: (int,), float: (int, float)}.get(action.type)
-        if numbers and (isinstance(item, bool) or not isinstance(item, numbers)):
-            parser.error(f'config {path}: {key}: {item!r} is not a valid {kind}.')
-        if action.type is float:
-            item = float(item)
-        if action.choices is not None and item not in action.choices:
-            parser.error(f'config {path}: {key}: {item!r} is not one of {", ".join(map(str, action.choices))}.')
-        converted.append(item)
-    return converted if many else converted[0]
-
-
-class DuplicateKeyError(yaml.YAMLError):
-    """A YAML mapping that gives a key twice."""
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a mapping giving a key twice, which safe_load silently resolves to the last
-    value. Keys merged in with `<<` may still be overridden, as YAML intends."""
-
-    def construct_mapping(self, node, deep=False):
-        lines = {}
-        for key_node, _ in node.value:
-            if key_node.tag == 'tag:yaml.org,2002:merge' or not isinstance(key_node, yaml.ScalarNode):
-                continue
-            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
-            if key in lines:
-                raise DuplicateKeyError(f'key {key!r} is given twice, on lines {lines[key]} and {line}')
-            lines[key] = line
-        return super().construct_mapping(node, deep)
-
-
-def read_config(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
-    """The option: value mapping of a YAML config file; parser.error names the file and the problem when it is
-    missing, unreadable, not UTF-8, not YAML, gives a key twice, or sets nothing."""
-    if not os.path.isfile(path):
-        parser.error(f'config file {path} does not exist; check the path (the configs are in configs/).')
-    try:
-        with open(path, 'rb') as f:
-            raw = f.read()
-    except OSError as e:
-        parser.error(f'config {path} cannot be read: {e.strerror}; check its permissions.')
-    try:
-        text = raw.decode('utf-8')
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b'\n') + 1
-        parser.error(f'config {path} is not UTF-8 text (byte {raw[e.start]:#04x} on line {line}); save it as UTF-8.')
-    try:
-        config = yaml.load(text, Loader=UniqueKeyLoader)
-    except DuplicateKeyError as e:
-        parser.error(f'config {path}: {e}; keep one of them.')
-    except yaml.YAMLError as e:
-        parser.error(f'config {path} is not valid YAML: {e}')
-    if config is None or config == {}:
-        parser.error(f'config {path} is empty: it sets no options. Write option: value lines into it '
-                     f'(see configs/), or leave out -c.')
-    if not isinstance(config, dict):
-        parser.error(f'config {path} must be a mapping of option: value, not a {type(config).__name__}.')
-    return config
-
-
-def config_defaults(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
-    """The defaults a YAML config file sets, checked against the parser's options."""
-    config = read_config(parser, path)
-    actions = {a.dest: a for a in parser._actions if a.dest != argparse.SUPPRESS}
-    defaults = {}
-    for key, value in config.items():
-        dest = str(key).replace('-', '_')
-        if dest in CONFIG_IGNORED_KEYS:
-            continue
-        if dest not in actions:
-            parser.error(f'config {path}: unknown key {key!r}; it is not an option of {parser.prog} '
-                         f'(see {parser.prog} --help for the option names).')
-        defaults[dest] = _convert(parser, path, key, actions[dest], value)
-    return defaults
-
-
-def parse_with_config(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None,
-                      held_back: Tuple[str, ...] = ()) -> Tuple[argparse.Namespace, Dict[str, Any]]:
-    """Parse `argv` with defaults from the file that `-c/--config` names, if any.
-
-    The config's values of the `held_back` options are not made defaults: they are returned, for the
-    caller to weigh against what the command line gave."""
-    config_parser = argparse.ArgumentParser(add_help=False)
-    config_parser.add_argument('-c', '--config', default='')
-    known, remaining = config_parser.parse_known_args(argv)
-    defaults = config_defaults(parser, known.config) if known.config else {}
-    held = {dest: defaults.pop(dest) for dest in held_back if dest in defaults}
-    parser.set_defaults(**defaults)
-    args = parser.parse_args(remaining)
-    args.config = known.config
-    return args, held
-
-
-def resolve_data_root(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Dict[str, Any]) -> str:
-    """The data root: DIR or --data-dir from the command line (given twice, they must agree), else the
-    config's `data_dir`, else its `data` (args.yaml records both, with the same value)."""
-    if args.data and args.data_dir and args.data != args.data_dir:
-        parser.error(f'the data root is given twice, as {args.data} and as --data-dir {args.data_dir}; give it once.')
-    from_config, positional = config.get('data_dir'), config.get('data')
-    if from_config and positional and from_config != positional:
-        parser.error(f'config {args.config} gives the data root twice, as data: {positional} and as data_dir: '
-                     f'{from_config}; keep one of the two keys.')
-    return args.data or args.data_dir or from_config or positional or ''
-
-
-def warn_of_config_resume(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Dict[str, Any]):
-    """A config's `resume` (args.yaml of a resumed run records one) does not continue that run; say so
-    unless the command line resumes."""
-    if config.get('resume') and not args.resume:
-        print(f'{parser.prog}: warning: config {args.config} has resume: {config["resume"]}, but configs do not '
-              f'resume runs, so this run starts afresh. To continue that run, give --resume {config["resume"]} '
-              f'on the command line.', file=sys.stderr)
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -241,19 +116,9 @@ def default_workers() -> int:
     return max(1, cpus // processes - 1)
 
 
-def add_weights_choice(parser: argparse.ArgumentParser, what: str = 'use', every: str = 'the checkpoint has'):
-    """--use-ema / --no-use-ema (--no-ema): which weights of a checkpoint the script takes; `use_ema` is None
-    (EMA when present), True (EMA required) or False (live), as `models.read_checkpoint` takes it."""
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument('--use-ema', action='store_true', default=None,
-                         help=f'require the EMA weights (default: EMA when {every} them)')
-    weights.add_argument('--no-use-ema', '--no-ema', dest='use_ema', action='store_false', default=argparse.SUPPRESS,
-                         help=f'{what} the live (non-EMA) weights')
-
-
 def add_loader_options(group, per: str):
-    """-j, --pin-mem and --prefetcher, shared by train.py and validate.py (see utils/loaders.py)."""
-    group.add_argument('-j', '--workers', type=int, default=default_workers(),
+    """-j, --pin-mem and --prefetcher, shared by train.py, validate.py and inference.py (see utils/loaders.py)."""
+    group.add_argument('-j', '--workers', type=worker_count, default=default_workers(),
                        help=f'data loading processes per {per}; the default is the CPUs available to each process '
                             f'on this node, less one')
     group.add_argument('--pin-mem', action=argparse.BooleanOptionalAction, default=None,
@@ -264,8 +129,44 @@ def add_loader_options(group, per: str):
                             "in the workers and mixes on the device. None: on with CUDA, off on the CPU")
 
 
+def add_input_options(parser):
+    """The evaluation input of validate.py and inference.py: size, crop, resize filter and normalisation
+    (utils.data.INPUT_OPTIONS); each overrides what the checkpoint was trained with."""
+    parser.add_argument('--img-size', type=at_least(1), default=None, help='input image size')
+    parser.add_argument('--input-size', type=at_least(1), nargs=3, default=None, metavar=('C', 'H', 'W'),
+                        help='input size')
+    parser.add_argument('--crop-pct', type=positive, default=None, help='center-crop fraction')
+    parser.add_argument('--crop-mode', default=None, choices=CROP_MODES, help='how the image is fit to the crop')
+    parser.add_argument('--interpolation', default=None, choices=INTERPOLATIONS, help='resize interpolation')
+    parser.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean')
+    parser.add_argument('--std', type=positive, nargs='+', default=None, help='normalisation std')
+
+
+def add_amp_options(parser):
+    """--amp and --amp-dtype of the scripts that run a model without training it; naming a type asks for
+    autocast (see `amp_requested`)."""
+    parser.add_argument('--amp', action='store_true', help='native torch mixed precision')
+    parser.add_argument('--amp-dtype', default=None, choices=AMP_DTYPES,
+                        help='autocast type; implies --amp (default: bfloat16 on the CPU, float16 on CUDA)')
+
+
+def amp_requested(args: argparse.Namespace) -> bool:
+    return args.amp or args.amp_dtype is not None
+
+
+def add_torchcompile_options(parser):
+    """--torchcompile [BACKEND] and --torchcompile-mode MODE, as in timm's train.py and validate.py, and
+    --no-torchcompile, which undoes a config's torchcompile."""
+    parser.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
+                        help='torch.compile the model (backend: inductor unless given)')
+    parser.add_argument('--no-torchcompile', dest='torchcompile', action='store_const', const=None,
+                        help="don't compile (undoes a config's torchcompile)")
+    parser.add_argument('--torchcompile-mode', default=None, metavar='MODE',
+                        help="inductor's compile mode, e.g. reduce-overhead or max-autotune (default: torch's)")
+
+
 def train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ConfigurableParser(
         prog='train.py',
         description='Train PosMLP (or any timm model) on an image folder, on CPU, one GPU, or many with '
                     'torchrun (distributed_train.sh). Defaults follow the paper\'s PosMLP-T recipe except '
@@ -286,10 +187,10 @@ def train_parser() -> argparse.ArgumentParser:
     group.add_argument('--val-split', default='validation',
                        help="validation split: a timm dataset spec's split, or the folder under an image-folder root "
                             "(default: val/ or validation/)")
-    group.add_argument('--num-classes', type=int, default=None,
+    group.add_argument('--num-classes', type=at_least(1), default=None,
                        help='classes of the model head (default: the number of class folders in train/)')
-    group.add_argument('--in-chans', type=int, default=None, help='image channels (default: 3)')
-    group.add_argument('--max-bad-images', type=int, default=None, metavar='N',
+    group.add_argument('--in-chans', type=at_least(1), default=None, help='image channels (default: 3)')
+    group.add_argument('--max-bad-images', type=bad_image_limit, default=None, metavar='N',
                        help='unreadable images that are skipped (with a warning each, all processes together) '
                             'before the run stops (default: 1%% of the split); image folders only')
     group.add_argument('--keep-empty-classes', **ON_OFF,
@@ -309,15 +210,15 @@ def train_parser() -> argparse.ArgumentParser:
                             "scaler and epoch, with the options the checkpoint records unless given here or in -c; "
                             "output goes to the checkpoint's folder unless --output/--experiment name another "
                             "folder than the run was made with")
-    group.add_argument('--img-size', type=int, default=None, help='image size (model and data)')
-    group.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
+    group.add_argument('--img-size', type=at_least(1), default=None, help='image size (model and data)')
+    group.add_argument('--input-size', type=at_least(1), nargs=3, default=None, metavar=('C', 'H', 'W'),
                        help='input size of the data, overriding --img-size')
-    group.add_argument('--crop-pct', type=float, default=None, help='eval center-crop fraction (default: model cfg)')
+    group.add_argument('--crop-pct', type=positive, default=None, help='eval center-crop fraction (default: model cfg)')
     group.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean (default: model cfg)')
-    group.add_argument('--std', type=float, nargs='+', default=None, help='normalisation std (default: model cfg)')
+    group.add_argument('--std', type=positive, nargs='+', default=None, help='normalisation std (default: model cfg)')
     group.add_argument('--interpolation', default='', help='eval resize interpolation (default: model cfg)')
-    group.add_argument('--drop', type=float, default=0.02333, help='dropout rate')
-    group.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
+    group.add_argument('--drop', type=probability, default=0.02333, help='dropout rate')
+    group.add_argument('--drop-path', type=probability, default=0.1, help='stochastic depth rate')
     group.add_argument('--grad-checkpointing', **ON_OFF, help='recompute activations to save memory')
     group.add_argument('--channels-last', **ON_OFF, help='channels_last memory layout')
     add_torchcompile_options(group)
@@ -333,68 +234,69 @@ def train_parser() -> argparse.ArgumentParser:
                             "tables) to the others before every forward")
 
     group = parser.add_argument_group('Batch and optimizer')
-    group.add_argument('-b', '--batch-size', type=int, default=128, help='batch size per process')
-    group.add_argument('-vb', '--validation-batch-size', type=int, default=None,
+    group.add_argument('-b', '--batch-size', type=at_least(1), default=128, help='batch size per process')
+    group.add_argument('-vb', '--validation-batch-size', type=at_least(1), default=None,
                        help='eval batch size per process (default: --batch-size)')
-    group.add_argument('--grad-accum-steps', type=int, default=1, help='batches per optimizer update')
+    group.add_argument('--grad-accum-steps', type=at_least(1), default=1, help='batches per optimizer update')
     group.add_argument('--opt', default='adamw', help='timm optimizer name')
-    group.add_argument('--opt-eps', type=float, default=1e-5, help='optimizer epsilon')
+    group.add_argument('--opt-eps', type=non_negative, default=1e-5, help='optimizer epsilon')
     group.add_argument('--opt-betas', type=float, nargs='+', default=None, metavar='BETA',
                        help="optimizer betas, as many as --opt takes: two for adam(w), lamb, ..., three for adan "
                             "(default: the optimizer's)")
-    group.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
-    group.add_argument('--weight-decay', type=float, default=0.067, help='weight decay')
-    group.add_argument('--layer-decay', type=float, default=None, help='layer-wise lr decay')
-    group.add_argument('--clip-grad', type=float, default=1.0, help='gradient clipping threshold, 0 or more (none: 0)')
+    group.add_argument('--momentum', type=probability, default=0.9, help='SGD momentum')
+    group.add_argument('--weight-decay', type=non_negative, default=0.067, help='weight decay')
+    group.add_argument('--layer-decay', type=positive, default=None, help='layer-wise lr decay')
+    group.add_argument('--clip-grad', type=at_least(0, float, '0 turns clipping off'), default=1.0,
+                       help='gradient clipping threshold, 0 or more (none: 0)')
     group.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'), help='gradient clipping mode')
 
     group = parser.add_argument_group('Learning-rate schedule')
     group.add_argument('--sched', default='cosine', help='timm scheduler: cosine, step, multistep, plateau, ...')
     group.add_argument('--sched-on-updates', **ON_OFF, help='step the schedule every update, not epoch')
-    group.add_argument('--lr', type=float, default=2e-3, help='peak learning rate')
-    group.add_argument('--epochs', type=int, default=300, help='epochs of the schedule (cooldown comes on top)')
-    group.add_argument('--warmup-epochs', type=int, default=10, help='linear warmup epochs')
-    group.add_argument('--warmup-lr', type=float, default=1e-5, help='learning rate at the start of warmup')
+    group.add_argument('--lr', type=non_negative, default=2e-3, help='peak learning rate')
+    group.add_argument('--epochs', type=at_least(1), default=300, help='epochs of the schedule (cooldown comes on top)')
+    group.add_argument('--warmup-epochs', type=at_least(0), default=10, help='linear warmup epochs')
+    group.add_argument('--warmup-lr', type=non_negative, default=1e-5, help='learning rate at the start of warmup')
     group.add_argument('--warmup-prefix', **ON_OFF, help='warmup comes before --epochs, not within')
-    group.add_argument('--min-lr', type=float, default=1e-6, help='lowest learning rate of the schedule')
-    group.add_argument('--cooldown-epochs', type=int, default=0,
+    group.add_argument('--min-lr', type=non_negative, default=1e-6, help='lowest learning rate of the schedule')
+    group.add_argument('--cooldown-epochs', type=at_least(0), default=0,
                        help="epochs at --min-lr after the schedule (timm's default; PosMLP-T's recipe has 10)")
-    group.add_argument('--decay-epochs', type=float, default=90, help='step schedule: epochs between decays')
+    group.add_argument('--decay-epochs', type=positive, default=90, help='step schedule: epochs between decays')
     group.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270],
                        help='multistep schedule: epochs to decay at')
-    group.add_argument('--decay-rate', type=float, default=0.1, help='step/multistep/plateau decay factor')
+    group.add_argument('--decay-rate', type=positive, default=0.1, help='step/multistep/plateau decay factor')
     group.add_argument('--patience-epochs', type=int, default=10, help='plateau schedule: patience')
 
     group = parser.add_argument_group('Augmentation and regularisation')
     group.add_argument('--no-aug', action='store_true', help='no training augmentation')
     group.add_argument('--aug', dest='no_aug', action='store_false', default=argparse.SUPPRESS,
                        help="training augmentation, undoing a config's no_aug: true")
-    group.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], metavar=('MIN', 'MAX'),
+    group.add_argument('--scale', type=positive, nargs=2, default=[0.08, 1.0], metavar=('MIN', 'MAX'),
                        help='random-resized-crop area range')
-    group.add_argument('--ratio', type=float, nargs=2, default=[3. / 4., 4. / 3.], metavar=('MIN', 'MAX'),
+    group.add_argument('--ratio', type=positive, nargs=2, default=[3. / 4., 4. / 3.], metavar=('MIN', 'MAX'),
                        help='random-resized-crop aspect ratio range')
-    group.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
-    group.add_argument('--vflip', type=float, default=0., help='vertical flip probability')
-    group.add_argument('--color-jitter', type=float, default=0.4, help='colour jitter strength')
+    group.add_argument('--hflip', type=probability, default=0.5, help='horizontal flip probability')
+    group.add_argument('--vflip', type=probability, default=0., help='vertical flip probability')
+    group.add_argument('--color-jitter', type=non_negative, default=0.4, help='colour jitter strength')
     group.add_argument('--aa', default='rand-m6-n3-mstd1.0-inc1', metavar='POLICY',
                        help="RandAugment ('rand-...') or AutoAugment ('original', 'v0', ...) policy; '' for none")
     group.add_argument('--train-interpolation', default='random', help='training resize interpolation')
-    group.add_argument('--reprob', type=float, default=0., help='random erasing probability')
+    group.add_argument('--reprob', type=probability, default=0., help='random erasing probability')
     group.add_argument('--remode', default='pixel', help='random erasing fill: const, rand or pixel')
     group.add_argument('--recount', type=int, default=1, help='random erasing regions')
-    group.add_argument('--mixup', type=float, default=0.5, help='mixup alpha (0: off)')
-    group.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha (0: off)')
-    group.add_argument('--cutmix-minmax', type=float, nargs=2, default=None, help='cutmix box ratio range')
-    group.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixing a batch')
-    group.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of cutmix over mixup')
+    group.add_argument('--mixup', type=non_negative, default=0.5, help='mixup alpha (0: off)')
+    group.add_argument('--cutmix', type=non_negative, default=1.0, help='cutmix alpha (0: off)')
+    group.add_argument('--cutmix-minmax', type=probability, nargs=2, default=None, help='cutmix box ratio range')
+    group.add_argument('--mixup-prob', type=probability, default=1.0, help='probability of mixing a batch')
+    group.add_argument('--mixup-switch-prob', type=probability, default=0.5, help='probability of cutmix over mixup')
     group.add_argument('--mixup-mode', default='batch', choices=('batch', 'pair', 'elem'), help='mixup granularity')
     group.add_argument('--mixup-off-epoch', type=int, default=0, help='stop mixing from this epoch (0: never)')
-    group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    group.add_argument('--smoothing', type=smoothing, default=0.1, help='label smoothing')
     group.add_argument('--bce-loss', **ON_OFF, help='binary cross-entropy instead of cross-entropy')
 
     group = parser.add_argument_group('Model EMA')
     group.add_argument('--model-ema', **ON_OFF, help='keep an exponential moving average of the weights')
-    group.add_argument('--model-ema-decay', type=float, default=0.99992, help='EMA decay per update')
+    group.add_argument('--model-ema-decay', type=probability, default=0.99992, help='EMA decay per update')
     group.add_argument('--model-ema-warmup', **ON_OFF, help='ramp the EMA decay up over early updates')
     group.add_argument('--best-from-ema', action=argparse.BooleanOptionalAction, default=None,
                        help="rank checkpoints and model_best by the EMA model's eval metric, the weights eval.sh "
@@ -406,12 +308,12 @@ def train_parser() -> argparse.ArgumentParser:
     group.add_argument('--native-amp', **ON_OFF, help='same as --amp (--no-amp leaves it on)')
     group.add_argument('--apex-amp', **ON_OFF,
                        help='NVIDIA apex mixed precision when apex is installed, else native AMP (with a warning)')
-    group.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'),
+    group.add_argument('--amp-dtype', default=None, choices=AMP_DTYPES,
                        help='autocast type (default: float16 on CUDA, bfloat16 on the CPU)')
 
     group = parser.add_argument_group('Run')
     group.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda when available)')
-    group.add_argument('--threads', type=int, default=0,
+    group.add_argument('--threads', type=thread_count, default=0,
                        help="torch CPU threads per process (0: torch's default). Small models on few cores "
                             "run fastest with 1: splitting tiny operations costs more than it saves")
     group.add_argument('--local-rank', '--local_rank', type=int, default=None, metavar='N',
@@ -421,27 +323,21 @@ def train_parser() -> argparse.ArgumentParser:
     group.add_argument('--dist-backend', default=None,
                        help='torch.distributed backend (default: nccl on GPUs, gloo on CPU)')
     group.add_argument('--seed', type=int, default=42, help='random seed (offset by the rank)')
-    group.add_argument('--log-interval', type=int, default=50,
+    group.add_argument('--log-interval', type=at_least(1), default=50,
                        help='batches between progress lines and, with several processes, between counts of '
                             'unreadable images over all of them')
-    group.add_argument('--checkpoint-hist', type=int, default=10, help='best epoch checkpoints to keep')
+    group.add_argument('--checkpoint-hist', type=at_least(0, note='0 keeps no epoch checkpoints'), default=10,
+                       help='best epoch checkpoints to keep')
     group.add_argument('--output', default='', metavar='DIR',
                        help='parent folder of run folders (default: ./output/train)')
-    group.add_argument('--experiment', default='', help='run folder name (default: date-time-model-size)')
+    group.add_argument('--experiment', type=folder_name, default='',
+                       help='run folder name (default: date-time-model-size)')
     group.add_argument('--eval-metric', default='top1', choices=('top1', 'top5', 'loss'),
                        help='the metric that ranks checkpoints and picks model_best')
     group.add_argument('--log-wandb', **ON_OFF, help='also log to Weights & Biases (if installed)')
-    group.add_argument('--max-steps-per-epoch', type=int, default=0, metavar='N',
+    group.add_argument('--max-steps-per-epoch', type=at_least(0, note='0 runs whole epochs'), default=0, metavar='N',
                        help='stop each epoch after N batches (0: whole epoch); for smoke tests')
     return parser
-
-
-def add_torchcompile_options(parser):
-    """--torchcompile [BACKEND] and --torchcompile-mode MODE, as in timm's train.py and validate.py."""
-    parser.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
-                        help='torch.compile the model (backend: inductor unless given)')
-    parser.add_argument('--torchcompile-mode', default=None, metavar='MODE',
-                        help="inductor's compile mode, e.g. reduce-overhead or max-autotune (default: torch's)")
 
 
 def check_torchcompile(parser: argparse.ArgumentParser, args: argparse.Namespace):
@@ -463,68 +359,6 @@ def check_torchcompile(parser: argparse.ArgumentParser, args: argparse.Namespace
                          f'{", ".join(modes)}.')
 
 
-# Integer options of train.py and validate.py whose smaller values make no sense: the least value, and what
-# it means where that helps.
-INTEGER_MINIMUMS = {
-    'batch_size': (1, ''), 'validation_batch_size': (1, ''), 'grad_accum_steps': (1, ''),
-    'workers': (0, '; 0 loads the data in the main process'), 'threads': (0, "; 0 uses torch's default"),
-    'epochs': (1, ''), 'warmup_epochs': (0, ''), 'cooldown_epochs': (0, ''), 'log_interval': (1, ''),
-    'checkpoint_hist': (0, '; 0 keeps no epoch checkpoints'), 'max_steps_per_epoch': (0, '; 0 runs whole epochs'),
-    'max_bad_images': (0, '; 0 stops at the first unreadable image'),
-    'img_size': (1, ''), 'input_size': (1, ''), 'in_chans': (1, ''), 'num_classes': (1, ''),
-}
-
-
-def check_integer_minimums(parser: argparse.ArgumentParser, args: argparse.Namespace):
-    """Stop with the option named when one of `parser`'s INTEGER_MINIMUMS options is below its least value."""
-    for action in parser._actions:
-        least, meaning = INTEGER_MINIMUMS.get(action.dest, (None, ''))
-        value = getattr(args, action.dest, None)
-        values = value if isinstance(value, list) else [value]
-        if least is not None and value is not None and min(values) < least:
-            noun, shown = (' values', ' '.join(map(str, values))) if isinstance(value, list) else ('', value)
-            parser.error(f'{"/".join(action.option_strings)}{noun} must be {least} or more, not {shown}{meaning}.')
-
-
-def _probability(value: float) -> bool:
-    return 0 <= value <= 1
-
-
-# Number options of train.py and validate.py and the values they take: (what they must be, the test); other
-# values fail later with a message about something else (--lr -1 as an --opt error), or not at all.
-NUMBER_RULES = {
-    'lr': ('0 or more', lambda v: v >= 0), 'warmup_lr': ('0 or more', lambda v: v >= 0),
-    'min_lr': ('0 or more', lambda v: v >= 0), 'weight_decay': ('0 or more', lambda v: v >= 0),
-    'opt_eps': ('0 or more', lambda v: v >= 0), 'momentum': ('from 0 to 1', _probability),
-    'layer_decay': ('more than 0', lambda v: v > 0), 'decay_rate': ('more than 0', lambda v: v > 0),
-    'decay_epochs': ('more than 0', lambda v: v > 0),
-    'drop': ('from 0 to 1', _probability), 'drop_path': ('from 0 to 1', _probability),
-    'smoothing': ('from 0 to below 1', lambda v: 0 <= v < 1), 'model_ema_decay': ('from 0 to 1', _probability),
-    'hflip': ('from 0 to 1', _probability), 'vflip': ('from 0 to 1', _probability),
-    'reprob': ('from 0 to 1', _probability), 'mixup_prob': ('from 0 to 1', _probability),
-    'mixup_switch_prob': ('from 0 to 1', _probability), 'mixup': ('0 or more', lambda v: v >= 0),
-    'cutmix': ('0 or more', lambda v: v >= 0), 'cutmix_minmax': ('from 0 to 1', _probability),
-    'color_jitter': ('0 or more', lambda v: v >= 0), 'scale': ('more than 0', lambda v: v > 0),
-    'ratio': ('more than 0', lambda v: v > 0), 'crop_pct': ('more than 0', lambda v: v > 0),
-    'std': ('more than 0', lambda v: v > 0),
-}
-
-
-def check_number_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace):
-    """Stop with the option named when a NUMBER_RULES option of `parser` is out of its range, or not finite."""
-    for action in parser._actions:
-        rule = NUMBER_RULES.get(action.dest)
-        value = getattr(args, action.dest, None)
-        if rule is None or value is None:
-            continue
-        values = value if isinstance(value, list) else [value]
-        if not all(math.isfinite(v) and rule[1](v) for v in values):
-            shown = ' '.join(f'{v:g}' for v in values)
-            finite = '' if all(map(math.isfinite, values)) else 'a finite number, '
-            noun = ' values' if isinstance(value, list) else ''
-            parser.error(f'{"/".join(action.option_strings)}{noun} must be {finite}{rule[0]}, not {shown}.')
-
-
 def check_opt_betas(parser: argparse.ArgumentParser, args: argparse.Namespace):
     """Stop unless --opt-betas gives as many betas as --opt takes (timm would drop them, or fail on indexing)."""
     if args.opt_betas is None:
@@ -540,10 +374,6 @@ def check_opt_betas(parser: argparse.ArgumentParser, args: argparse.Namespace):
         given = ' '.join(f'{beta:g}' for beta in args.opt_betas)
         parser.error(f'--opt {args.opt} takes {info.num_betas} betas, not {len(args.opt_betas)} ({given}); '
                      f'give --opt-betas {info.num_betas} numbers.')
-
-
-# The resize filters timm's transforms know by name ('random' picks bilinear or bicubic per training image).
-INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
 
 
 def check_transform_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
@@ -566,68 +396,13 @@ def check_transform_options(parser: argparse.ArgumentParser, args: argparse.Name
             parser.error(f'{option} takes 1 value or {channels} (one per image channel), not {len(values)}.')
 
 
-def resolve_best_from_ema(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Dict[str, Any]):
-    """Rank checkpoints by the EMA model whenever there is one, unless --no-best-from-ema (or the config's
-    best_from_ema: false) says otherwise; --best-from-ema on the command line without EMA is an error."""
-    if args.best_from_ema is None:
-        args.best_from_ema = args.model_ema and config.get('best_from_ema') is not False
-    elif args.best_from_ema and not args.model_ema:
-        parser.error('--best-from-ema ranks checkpoints by the EMA model, so it needs --model-ema.')
-
-
-# Options of the run a bare --resume continues that it does not take over from the checkpoint: the command line's
-# own (resume, config; the data root only when none is given, see parse_train_args), this machine's (device,
-# local_rank), and those that would read another file or reach the network (initial_checkpoint: the weights
-# come from the checkpoint; log_wandb: on request only). best_from_ema is weighed as a config's is.
-RESUME_HELD_BACK_KEYS = ('config', 'resume', 'data', 'data_dir', 'device', 'local_rank', 'initial_checkpoint',
-                         'log_wandb', 'best_from_ema')
-
-
-def recorded_options(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> Dict[str, Any]:
-    """The options recorded in the checkpoint that --resume names, if any: a resumed run continues with them
-    unless a config or the command line gives others. A checkpoint that cannot be resumed gives none here; the
-    run reports why before it makes its folder."""
-    finder = argparse.ArgumentParser(add_help=False)
-    finder.add_argument('--resume', default='')
-    path = finder.parse_known_args(argv)[0].resume
-    try:
-        recorded = read_resumable(path, mmap=True)['args'] if path else {}
-    except (CheckpointError, OSError):
-        return {}
-    actions = {a.dest: a for a in parser._actions if a.dest != argparse.SUPPRESS}
-    unknown = sorted(str(key) for key in recorded if key not in actions)
-    if unknown:
-        print(f'{parser.prog}: warning: {path} records options this {parser.prog} does not have, which are ignored: '
-              f'{", ".join(unknown)}.', file=sys.stderr)
-    options = {key: _convert(parser, f'{path} (its recorded options)', key, actions[key], value)
-               for key, value in recorded.items() if key in actions}
-    if isinstance(options.get('model_kwargs'), dict):
-        options['model_kwargs'] = recorded_model_kwargs(options['model_kwargs'], path)
-    return options
-
-
-def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = train_parser()
-    recorded = recorded_options(parser, argv)
-    parser.set_defaults(**{k: v for k, v in recorded.items() if k not in RESUME_HELD_BACK_KEYS})
-    args, config = parse_with_config(parser, argv, CONFIG_HELD_BACK_KEYS)
-    args.data_dir = resolve_data_root(parser, args, config) or recorded.get('data_dir') or recorded.get('data') or ''
-    if recorded.get('model_ema') and recorded.get('best_from_ema') is False:
-        config.setdefault('best_from_ema', False)  # the resumed run ranked an EMA run by its live model
-    warn_of_config_resume(parser, args, config)
-    check_integer_minimums(parser, args)
-    check_number_ranges(parser, args)
+def check_train_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """Stop with the options named when they cannot work together (each value alone was checked as parsed)."""
     check_transform_options(parser, args)
-    if len(args.experiment.encode()) > 255:
-        parser.error(f'--experiment is {len(args.experiment.encode())} bytes long, but a folder name may have at most '
-                     f'255; give a shorter one.')
     fetching = sorted(k for k in WEIGHT_SOURCE_ARGS if args.model_kwargs.get(k))
     if fetching:
         parser.error(f'--model-kwargs {", ".join(fetching)}: nothing is downloaded or read besides the options\' '
                      f'files; to start from other weights, pass their file as --initial-checkpoint FILE.')
-    # A negative threshold flips the gradients' sign instead of bounding them (`not >=` also catches nan).
-    if args.clip_grad is not None and not args.clip_grad >= 0:
-        parser.error(f'--clip-grad must be 0 or more, not {args.clip_grad:g}; 0 turns clipping off.')
     check_opt_betas(parser, args)
     check_torchcompile(parser, args)
     mixing = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
@@ -637,5 +412,76 @@ def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     problem = model_name_problem(args.model)
     if problem:
         parser.error(f'--model {args.model}: {problem} PosMLP models are posmlp_t/s/b and posmlp_{{t,s,b}}_lrpe/_sgu.')
+
+
+def config_options(parser: ConfigurableParser, argv: List[str]) -> Dict[str, Any]:
+    """The options that the config file named by -c/--config sets, parsed (the positional data root as it is)."""
+    finder = argparse.ArgumentParser(add_help=False)
+    finder.add_argument('-c', '--config', default='')
+    path = finder.parse_known_args(argv)[0].config
+    if not path:
+        return {}
+    config = {key: value for key, value in read_config(parser, path).items()
+              if str(key).replace('-', '_') not in CONFIG_IGNORED_KEYS}
+    data = config.pop(POSITIONAL_DATA_KEY, None)
+    return dict(parser.parse_mapping(config, f'config {path}'), data=data)
+
+
+def recorded_options(parser: ConfigurableParser, argv: List[str]) -> Dict[str, Any]:
+    """The options recorded in the checkpoint that --resume names, if any, parsed: a resumed run continues with
+    them unless a config or the command line gives others. A checkpoint that cannot be resumed gives none here;
+    the run reports why before it makes its folder."""
+    finder = argparse.ArgumentParser(add_help=False)
+    finder.add_argument('--resume', default='')
+    path = finder.parse_known_args(argv)[0].resume
+    try:
+        recorded = read_resumable(path, mmap=True)['args'] if path else {}
+    except (CheckpointError, OSError):
+        return {}
+    known = parser.option_defaults()
+    unknown = sorted(str(key) for key in recorded if key not in known)
+    if unknown:
+        _logger.warning(f'{path} records options this {parser.prog} does not have, which are ignored: '
+                        f'{", ".join(unknown)}.')
+    options = {key: value for key, value in recorded.items() if key in known and key != POSITIONAL_DATA_KEY}
+    if 'model_kwargs' in options:
+        options['model_kwargs'] = recorded_model_kwargs(options['model_kwargs'], path)
+    return dict(parser.parse_mapping(options, f'{path} (its recorded options)'), data=recorded.get('data'))
+
+
+def resolve_data_root(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Dict[str, Any]) -> str:
+    """The data root: DIR or --data-dir from the command line (given twice, they must agree), else the
+    config's `data_dir`, else its `data` (args.yaml records both, with the same value)."""
+    if args.data and args.data_dir and args.data != args.data_dir:
+        parser.error(f'the data root is given twice, as {args.data} and as --data-dir {args.data_dir}; give it once.')
+    from_config, positional = config.get('data_dir'), config.get('data')
+    if from_config and positional and from_config != positional:
+        parser.error(f'config {args.config} gives the data root twice, as data: {positional} and as data_dir: '
+                     f'{from_config}; keep one of the two keys.')
+    return args.data or args.data_dir or from_config or positional or ''
+
+
+def warn_of_config_resume(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Dict[str, Any]):
+    """A config's `resume` (args.yaml of a resumed run records one) does not continue that run; say so
+    unless the command line resumes."""
+    if config.get('resume') and not args.resume:
+        print(f'{parser.prog}: warning: config {args.config} has resume: {config["resume"]}, but configs do not '
+              f'resume runs, so this run starts afresh. To continue that run, give --resume {config["resume"]} '
+              f'on the command line.', file=sys.stderr)
+
+
+def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = train_parser()
+    config = config_options(parser, argv)
+    recorded = recorded_options(parser, argv)
+    parser.set_defaults(**{k: v for k, v in recorded.items() if k not in RESUME_HELD_BACK_KEYS})
+    parser.set_defaults(**{k: v for k, v in config.items() if k not in CONFIG_HELD_BACK_KEYS})
+    args = parser.parse_args(argv)
+    args.data_dir = resolve_data_root(parser, args, config) or recorded.get('data_dir') or recorded.get('data') or ''
+    if recorded.get('model_ema') and recorded.get('best_from_ema') is False:
+        config.setdefault('best_from_ema', False)  # the resumed run ranked an EMA run by its live model
+    warn_of_config_resume(parser, args, config)
+    check_train_options(parser, args)
     resolve_best_from_ema(parser, args, config)
     return args

@@ -26,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import models  # noqa: F401  (registers this project's models with timm, in worker processes too)
 from .amp import resolve_precision
+from .errors import BenchmarkError
 
 MODES = ('infer', 'train')
 TABLE_COLUMNS = (
@@ -34,10 +35,6 @@ TABLE_COLUMNS = (
     ('vs base', 'speed_vs_baseline'), ('ms/step', 'ms_per_step'), ('CPU ms/step', 'cpu_ms_per_step'),
     ('params M', 'params_m'), ('GMACs', 'gmacs'), ('peak MB', 'peak_mem_mb'),
 )
-
-
-class BenchmarkError(Exception):
-    """A failure to report as one line naming the task, the problem and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)

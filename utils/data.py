@@ -11,18 +11,24 @@ a transform is a bug, not a bad image: it stops the run naming the image and the
 import logging
 import multiprocessing
 import os
-from typing import Optional, Tuple
+import pickle
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from PIL import Image
 from timm.data import create_dataset, create_transform, resolve_data_config
+from timm.data.loader import adapt_to_chs
+from timm.data.readers.class_map import load_class_map
+from timm.layers import to_2tuple
 from torch.utils.data import Dataset
 
-from .args import OptionError
+from models import LoadedCheckpoint
+from models.checkpoint import INPUT_OPTIONS
 from .augmentation import use_exact_posterize
 from .distributed import Runtime
-from .images import ClassFolderError, ClassFolderReader, find_class_folders, log_class_folders, read_rgb
+from .errors import ClassFolderError, DataError, OptionError, TransformError
+from .images import ClassFolderReader, find_class_folders, log_class_folders, read_rgb
 
 _logger = logging.getLogger(__name__)
 
@@ -31,14 +37,6 @@ LAYOUT = ('one folder per split, each with one folder of images per class, e.g. 
           '{root}/train/<class>/<image> and {root}/val/<class>/<image> (val/ may be named validation/)')
 # What may go wrong decoding a file that is not a (complete) image; only decoding, never a transform.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-class DataError(RuntimeError):
-    """The data cannot be used as given; the message names the problem and the fix."""
-
-
-class TransformError(RuntimeError):
-    """A transform failed on a readable image: a bug (of this project or timm), reported with its traceback."""
 
 
 def failing_operation(error: BaseException) -> str:
@@ -122,6 +120,7 @@ class UnreadableImageSkipper(Dataset):
     def __init__(self, reader: ClassFolderReader, max_bad: int, substitute: bool):
         self.reader = reader
         self.transform = None
+        self.image_mode = 'RGB'  # see use_input_channels
         self.max_bad = max_bad
         self.substitute = substitute
         self._is_bad = multiprocessing.RawArray('b', len(self.reader))
@@ -185,6 +184,8 @@ class UnreadableImageSkipper(Dataset):
             path, target = self.reader.samples[i]
             try:
                 image = read_rgb(path)
+                if self.image_mode != 'RGB':
+                    image = image.convert(self.image_mode)
             except DECODE_ERRORS as error:
                 self._mark_bad(i, error)
                 continue
@@ -251,6 +252,28 @@ def num_classes_of(dataset: Dataset) -> int:
     raise DataError('cannot tell how many classes the dataset has; pass --num-classes.')
 
 
+def wanted_class_map(class_map_file: str, checkpoint: LoadedCheckpoint) -> Tuple[Optional[Dict[str, int]], str]:
+    """(class name -> label, where it came from): timm's class map in `class_map_file`, else the `class_to_idx`
+    the checkpoint stores, else (None, ''). A map whose labels are not whole numbers from 0 is refused."""
+    if class_map_file:
+        try:
+            class_map, source = load_class_map(class_map_file), f'--class-map {class_map_file}'
+        except (AssertionError, ValueError, OSError, pickle.UnpicklingError) as e:
+            raise DataError(f'--class-map {class_map_file}: {e}. Give a .txt file with one class name a line, '
+                            f'in label order.') from None
+    elif checkpoint.class_to_idx is not None:
+        class_map, source = checkpoint.class_to_idx, f'the class_to_idx of {checkpoint.path}'
+    else:
+        return None, ''
+    wrong = [label for label in class_map.values()
+             if isinstance(label, bool) or not isinstance(label, int) or label < 0]
+    if wrong:
+        raise DataError(f'{source} is not a class map: its labels must be whole numbers from 0, not {wrong[0]!r}. '
+                        f'Give the class map of the training data as --class-map FILE (one class name a line, in '
+                        f'label order).')
+    return dict(class_map), source
+
+
 def class_folder_names(split_dir: str) -> list:
     return [e.name for e in os.scandir(split_dir) if e.is_dir()]
 
@@ -288,17 +311,52 @@ def unreadable_count(dataset: Dataset) -> int:
     return dataset.num_bad if isinstance(dataset, UnreadableImageSkipper) else 0
 
 
+def given_input_options(args) -> dict:
+    """The input options (INPUT_OPTIONS) a script was given, of those it has."""
+    return {k: getattr(args, k) for k in INPUT_OPTIONS if getattr(args, k, None) is not None}
+
+
+def recorded_input_options(recorded_args: dict) -> dict:
+    """The input options (INPUT_OPTIONS) a checkpoint records of its training run, where set."""
+    return {k: recorded_args[k] for k in INPUT_OPTIONS if recorded_args.get(k) not in (None, '')}
+
+
 def resolve_input_config(options: dict, model: torch.nn.Module) -> dict:
     """timm's data config (input size, interpolation, crop, mean, std) for `model`.
 
     Given options win; without an input size the model's own `img_size` is used before its
-    pretrained cfg, so a model built for 32 px is fed 32 px.
+    pretrained cfg, so a model built for 32 px is fed 32 px (with the channels of its pretrained cfg, which
+    create_model_from_checkpoint gives the ones it was trained with).
     """
     options = {k: v for k, v in options.items() if v not in (None, '')}
     if 'input_size' not in options and 'img_size' not in options and hasattr(model, 'img_size'):
-        in_chans = options.get('in_chans') or 3
-        options['input_size'] = (in_chans, *model.img_size)
-    return resolve_data_config(options, model=model)
+        in_chans = options.get('in_chans') or model.pretrained_cfg.get('input_size', (3,))[0]
+        options['input_size'] = (in_chans, *to_2tuple(model.img_size))
+    config = resolve_data_config(options, model=model)
+    # A model's mean and std are its pretrained cfg's, for RGB: for other input, their average (as timm's
+    # prefetcher takes it, with a warning), in the workers' normalisation too.
+    channels = config['input_size'][0]
+    config.update(mean=adapt_to_chs(config['mean'], channels), std=adapt_to_chs(config['std'], channels))
+    return config
+
+
+# How images are read for an input of 1 or 3 channels, as timm's input_img_mode: grey (luma) or RGB.
+IMAGE_MODES = {1: 'L', 3: 'RGB'}
+
+
+def use_input_channels(dataset: Dataset, channels: int):
+    """Make `dataset` give images of the input's channel count; others than 1 or 3 are refused."""
+    mode = IMAGE_MODES.get(channels)
+    if mode is None:
+        raise OptionError(f'the input has {channels} channels, but images are read as RGB (3 channels) or grey (1); '
+                          f'give --in-chans 1 or 3 (the model\'s in_chans).')
+    if isinstance(dataset, UnreadableImageSkipper):
+        dataset.image_mode = mode
+    elif hasattr(dataset, 'input_img_mode'):  # timm's ImageDataset
+        dataset.input_img_mode = mode
+    elif mode != 'RGB':
+        raise OptionError(f'{type(dataset).__name__} gives RGB images only, and the input has 1 channel; use an '
+                          f'image folder (--dataset \'\') for grey input.')
 
 
 def create_train_transform(args, data_config: dict, prefetcher: bool = False):

@@ -5,16 +5,13 @@ written once as upscaled RGB PNGs, `<root>/{train,val}/<digit>/<index>.png`, wit
 80/20 split.
 """
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from models.checkpoint import PROCESS_UMASK
-from .data import DataError
+from .errors import DataError
+from .outputs import atomic_folder
 
 _logger = logging.getLogger(__name__)
 
@@ -49,24 +46,15 @@ def prepare_digits(root, size: int = 32, val_fraction: float = 0.2, seed: int = 
     indices = np.arange(len(digits.target))
     train_idx, val_idx = train_test_split(
         indices, test_size=val_fraction, random_state=seed, stratify=digits.target)
-    staging = Path(tempfile.mkdtemp(prefix='.digits-', dir=root.parent))
-    try:
+    with atomic_folder(str(root)) as staging:
         for split, split_idx in zip(SPLITS, (train_idx, val_idx)):
             for i in sorted(split_idx):
-                folder = staging / split / str(digits.target[i])
+                folder = Path(staging) / split / str(digits.target[i])
                 folder.mkdir(parents=True, exist_ok=True)
                 # Pixel values are 0..16 (ink); scaled to 0..255 and smoothly upscaled.
                 pixels = (digits.images[i] * (255. / 16.)).round().astype(np.uint8)
                 image = Image.fromarray(pixels).resize((size, size), Image.BICUBIC).convert('RGB')
                 image.save(folder / f'{i:04d}.png')
-        # mkdtemp makes the folder private (0700); give it the mode mkdir gives the folders inside it.
-        os.chmod(staging, 0o777 & ~PROCESS_UMASK)
-        if root.exists():
-            root.rmdir()
-        os.replace(staging, root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     _logger.info(f'Wrote scikit-learn digits to {root}: {len(train_idx)} train and {len(val_idx)} val images, '
                  f'{size}x{size} RGB PNG.')
     return root

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from timm.utils.distributed import init_distributed_device_so
 
-from .args import OptionError
+from .errors import OptionError
 
 
 @dataclass

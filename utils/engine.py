@@ -1,4 +1,5 @@
-"""The epoch loops: `train_one_epoch` and `evaluate`.
+"""The epoch loops: `train_one_epoch`, `evaluate`, and `evaluate_epoch` (the live and EMA models after an epoch);
+and `check_input_size`, a model's one forward before evaluation.
 
 Progress goes to the log of rank 0 only. A non-finite loss stops every process at the next log line or
 at the end of the epoch, before the epoch's checkpoints are written, so the ones on disk stay the last good
@@ -10,20 +11,17 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Optional
+from typing import Callable, ContextManager, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from timm.utils import AverageMeter, dispatch_clip_grad
+from timm.utils import AverageMeter, dispatch_clip_grad, distribute_bn
 
-from .data import DataError, check_unreadable
+from .data import check_unreadable
 from .distributed import Runtime, sum_over_processes
+from .errors import DataError, NonFiniteLossError, OptionError
 
 _logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss."""
 
 
 @dataclass
@@ -181,14 +179,28 @@ def _backward_and_step(loss, model, optimizer, settings: TrainSettings, need_upd
         optimizer.step()
 
 
+def check_input_size(model, input_size, device: torch.device):
+    """Run the model on one blank image of `input_size`, so that a size it refuses (a model with fixed windows or
+    token tables: ViP, EAMLP, PosMLP with dynamic_img_pad=False) is one line before any data is read."""
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size, device=device))
+    except ValueError as e:
+        raise OptionError(f'{model.pretrained_cfg["architecture"]} cannot take input {tuple(input_size)}: '
+                          f'{str(e).rstrip(".")}. Give --img-size (or --input-size) a size it takes, or leave it '
+                          f'out for the size the checkpoint was trained at.') from None
+
+
 @torch.no_grad()
 def evaluate(model, loader, runtime: Runtime, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
              channels_last: bool = False, log_interval: int = 0, name: str = 'Eval') -> dict:
     """Loss, top-1 and top-5 (top-k is capped at the class count) over the whole loader.
 
     Correct predictions are counted, not averaged per batch, and summed over processes with the
-    sample count, so any number of processes and any batch size give the same numbers. Unreadable
-    images are left out (the loader drops them); too many stop evaluation in every process.
+    sample count, so any number of processes and any batch size give the same image count, top-1 and
+    top-5; the loss is summed in float32 per batch, so other splits agree with it to float32 rounding
+    (README, Evaluation). Unreadable images are left out (the loader drops them); too many stop
+    evaluation in every process.
     """
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # loss sum, top-1, top-5, samples
@@ -216,3 +228,18 @@ def evaluate(model, loader, runtime: Runtime, autocast: Callable[[], ContextMana
     if count == 0:
         raise DataError('the validation split has no images to evaluate.')
     return {'loss': loss_sum / count, 'top1': 100. * top1 / count, 'top5': 100. * top5 / count, 'count': int(count)}
+
+
+def evaluate_epoch(model, model_ema, loader, runtime: Runtime, autocast: Callable[[], ContextManager],
+                   channels_last: bool, dist_bn: str) -> Tuple[dict, Optional[dict]]:
+    """The metrics of the live model and, with EMA, of the EMA model, after making each one's BatchNorm
+    statistics agree over the processes (--dist-bn reduce averages them, broadcast takes process 0's)."""
+    if runtime.distributed and dist_bn:
+        distribute_bn(model, runtime.world_size, dist_bn == 'reduce')
+    eval_metrics = evaluate(model, loader, runtime, autocast, channels_last)
+    if model_ema is None:
+        return eval_metrics, None
+    # Each rank's EMA averages its own BatchNorm statistics; sync them so every rank scores one model.
+    if runtime.distributed and dist_bn:
+        distribute_bn(model_ema, runtime.world_size, dist_bn == 'reduce')
+    return eval_metrics, evaluate(model_ema.module, loader, runtime, autocast, channels_last)

@@ -11,7 +11,8 @@ from typing import List, Tuple
 
 from timm.data.readers.reader import Reader
 
-from .data import DataError, UnreadableImageSkipper
+from .data import UnreadableImageSkipper
+from .errors import DataError
 from .images import image_extensions
 
 _logger = logging.getLogger(__name__)

@@ -33,6 +33,8 @@ from timm.data.readers.img_extensions import get_img_extensions
 from timm.data.readers.reader_image_folder import ReaderImageFolder
 from timm.utils.misc import natural_key
 
+from .errors import ClassFolderError
+
 _logger = logging.getLogger(__name__)
 
 WHITE = 255
@@ -42,10 +44,6 @@ PREMULTIPLIED_ALPHA = ('RGBa', 'La')
 TORCHVISION_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 # TIFF tags that say how many bits a sample has and whether it is signed.
 TIFF_BITS_PER_SAMPLE, TIFF_SAMPLE_FORMAT, TIFF_SIGNED = 258, 339, 2
-
-
-class ClassFolderError(ValueError):
-    """The split's folders cannot be labelled as they are; the message names the folders and the fix."""
 
 
 def image_extensions() -> set:

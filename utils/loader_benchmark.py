@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from .args import parse_train_args
 from .benchmarking import rotated
-from .data import create_eval_transform, create_split_dataset, create_train_transform
+from .data import create_eval_transform, create_split_dataset, create_train_transform, given_input_options
 
 TRANSFORMS = ('train', 'eval')
 PREFETCH_FACTOR = 2  # batches each worker makes ahead: DataLoader's default
@@ -59,9 +59,7 @@ def recipe_transforms(recipe: str, img_size: Optional[int]) -> Tuple[Dict[str, C
     """The training and evaluation transforms of train.py run with `-c recipe` (and --img-size), and the
     data config they follow."""
     args = parse_train_args(['-c', recipe] + (['--img-size', str(img_size)] if img_size else []))
-    options = {k: getattr(args, k) for k in ('input_size', 'img_size', 'in_chans', 'crop_pct', 'mean', 'std',
-                                             'interpolation')}
-    options = {k: v for k, v in options.items() if v not in (None, '')}
+    options = {k: v for k, v in given_input_options(args).items() if v != ''}
     pretrained_cfg = get_pretrained_cfg(args.model)  # the model's defaults, as train.py reads them off the model
     data_config = resolve_data_config(options, pretrained_cfg=pretrained_cfg and pretrained_cfg.to_dict())
     return dict(train=create_train_transform(args, data_config), eval=create_eval_transform(data_config)), data_config

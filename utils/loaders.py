@@ -19,7 +19,7 @@ from timm.data import FastCollateMixup, Mixup
 from timm.data.loader import PrefetchLoader, fast_collate
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, default_collate
 
-from .data import create_eval_transform, create_train_transform
+from .data import create_eval_transform, create_train_transform, use_input_channels
 from .distributed import Runtime
 
 
@@ -29,6 +29,12 @@ class LoaderOptions:
     workers: int
     pin_memory: bool
     prefetcher: bool
+
+    @property
+    def description(self) -> str:
+        return (f'{self.workers} DataLoader worker(s) per process, '
+                + ('timm prefetcher (uint8 batches normalised on the device)' if self.prefetcher else 'no prefetcher')
+                + (', pinned memory' if self.pin_memory else ''))
 
 
 def loader_options(args, device: torch.device) -> LoaderOptions:
@@ -92,6 +98,7 @@ def build_train_loader(dataset: Dataset, args, data_config: dict, runtime: Runti
     """
     mixing = mixup_arguments(args, num_classes)
     dataset.transform = create_train_transform(args, data_config, prefetcher=options.prefetcher)
+    use_input_channels(dataset, data_config['input_size'][0])
     collate, device_mixup = None, None
     if options.prefetcher:
         collate = FastCollateMixup(**mixing) if mixing else fast_collate
@@ -126,6 +133,7 @@ def build_eval_loader(dataset: Dataset, data_config: dict, batch_size: int, runt
     """All samples of `dataset` in order under the evaluation transform, split over processes without
     padding, unreadable images left out (a batch of only unreadable images is empty)."""
     dataset.transform = create_eval_transform(data_config, prefetcher=options.prefetcher)
+    use_input_channels(dataset, data_config['input_size'][0])
     if runtime.distributed:
         sampler = UnpaddedDistributedSampler(dataset, runtime.world_size, runtime.rank)
     else:

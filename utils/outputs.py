@@ -1,4 +1,6 @@
-"""A training run's folder and what rank 0 writes into it besides checkpoints: the log and summary.csv."""
+"""What the scripts write besides checkpoint files: a training run's folder (claimed for the run, its train.log,
+summary.csv and args.yaml, and each epoch's record, whose checkpoints utils/run_checkpoints.py keeps), the
+console log of every script, and one-line errors for files that cannot be written."""
 import contextlib
 import csv
 import datetime
@@ -8,16 +10,25 @@ import io
 import itertools
 import logging
 import os
+import shutil
 import sys
+import tempfile
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from timm.utils import FormatterNoInfo
 
-from models.checkpoint import atomic_file
-from .args import OptionError
-from .checkpointing import free_path, newest_checkpoint, superseded_path
+from models.checkpoint import PROCESS_UMASK, TEMPORARY_PREFIX, atomic_file
+from .args import plain_args, write_args_yaml
+from .distributed import Runtime, from_primary
+from .errors import CheckpointError, OptionError, OutputError
+from .run_checkpoints import (
+    CheckpointKeeper, free_path, newest_checkpoint, remove_stale_temporaries, resume_point, superseded_path,
+)
+from .weights_choice import ranked_by
 
 _logger = logging.getLogger(__name__)
+_run_logger = logging.getLogger('train')
 
 LOG_FILE = 'train.log'
 ARGS_FILE = 'args.yaml'
@@ -25,11 +36,6 @@ SUMMARY_FILE = 'summary.csv'
 METRIC_NAMES = ('loss', 'top1', 'top5')
 # What a run leaves in its folder that another run would overwrite or mix with its own.
 RUN_FILE_PATTERNS = ('last.pth.tar', SUMMARY_FILE, 'checkpoint-*.pth.tar')
-
-
-class OutputError(RuntimeError):
-    """A file of the run (or validate.py's results file) that cannot be written; the message names it, why, and
-    what to do."""
 
 
 # What to do about a file that cannot be written, by the error's errno; {option} names where the file goes.
@@ -158,8 +164,37 @@ class RunLogHandler(logging.FileHandler):
         raise output_error(error, self.baseFilename, resumable=os.path.dirname(self.baseFilename))
 
 
+# Warnings logged while a run's options are read, before its log file exists (recorded arguments of a resumed
+# checkpoint that are dropped, say): `held_for_the_run_log` holds them, and setup_logging writes them once it opens
+# the run's log.
+_held_records: List[logging.LogRecord] = []
+
+
+class _HeldRecords(logging.Handler):
+    def emit(self, record: logging.LogRecord):
+        _held_records.append(record)
+
+
+@contextlib.contextmanager
+def held_for_the_run_log():
+    """Hold the warnings logged in this block for the run's log; if the block fails, no log follows, so they are
+    printed at once."""
+    holder = _HeldRecords(logging.WARNING)
+    logging.getLogger().addHandler(holder)
+    try:
+        yield
+    except BaseException:
+        for record in _held_records:
+            print(f'{record.levelname.lower()}: {record.getMessage()}', file=sys.stderr)
+        _held_records.clear()
+        raise
+    finally:
+        logging.getLogger().removeHandler(holder)
+
+
 def setup_logging(log_path: Optional[str], primary: bool):
-    """Rank 0 logs INFO to stdout and to `log_path`; the other ranks only warnings and errors."""
+    """Rank 0 logs INFO to stdout and to `log_path`; the other ranks only warnings and errors. With a log file
+    (train.py, on every rank), the warnings held while the options were read are logged first."""
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(FormatterNoInfo())
     handlers = [console]
@@ -170,6 +205,51 @@ def setup_logging(log_path: Optional[str], primary: bool):
         handlers.append(log_file)
     logging.basicConfig(level=logging.INFO if primary else logging.WARNING, handlers=handlers, force=True)
     logging.captureWarnings(True)
+    if log_path:
+        log_held_warnings()
+
+
+def log_held_warnings():
+    """Log the warnings held while the options were read, through the handlers there are now."""
+    for record in _held_records:
+        logging.getLogger(record.name).handle(record)
+    _held_records.clear()
+
+
+@dataclass
+class RunStart:
+    folder: str
+    resumed_epoch: Optional[int]  # the last finished epoch of the run --resume continues
+    resumed_args: Optional[dict]  # the options that run recorded (on rank 0; None elsewhere)
+
+
+def open_run_folder(args, runtime: Runtime) -> RunStart:
+    """Claim the run's folder and start its log there, removing what interrupted writes left in it.
+
+    Rank 0 checks the checkpoint to resume from and claims the folder before anything is written: the ranks'
+    clocks may name a new folder differently, and a folder on rank 0's disk may not be visible to the others."""
+    setup_logging(None, runtime.is_primary)
+    folder, resumed_epoch, resumed_args, problem = None, None, None, None
+    if runtime.is_primary:
+        try:
+            if args.resume:
+                resumed_epoch, resumed_args = resume_point(args.resume)
+            folder = claim_run_folder(args, resumed_args)
+        except (CheckpointError, OptionError, OutputError) as e:
+            problem = e
+    folder, resumed_epoch, problem = from_primary((folder, resumed_epoch, problem), runtime)
+    if problem:
+        log_held_warnings()  # to the console: there will be no run log
+        raise problem
+    setup_logging(os.path.join(folder, LOG_FILE), runtime.is_primary)
+    _run_logger.info(f'Training on {runtime.device}, {runtime.world_size} process(es); output in {folder}')
+    if runtime.is_primary:
+        with writing(folder):
+            stale = remove_stale_temporaries(folder)
+        if stale:
+            _run_logger.warning(f'Removed {len(stale)} temporary file(s) that an interrupted write left: '
+                                + ', '.join(stale))
+    return RunStart(folder, resumed_epoch, resumed_args)
 
 
 def summary_row(epoch: int, lr: float, train: dict, evaluation: dict, ema: Optional[dict]) -> dict:
@@ -187,6 +267,29 @@ def write_atomically(path: str, text: str):
         f.write(text)
 
 
+@contextlib.contextmanager
+def atomic_folder(path: str, replace: bool = False):
+    """A folder that becomes `path` only once it is whole, as models.atomic_file does for files: it is filled
+    hidden beside `path` (`.tmp-XXXXXXXX-<name>`), given the modes the umask gives new files and folders
+    (the temporary folder, and files safetensors writes, start private), then renamed into place; a failure
+    removes it and leaves `path` as it was. `replace` removes a folder already at `path` first."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=TEMPORARY_PREFIX, suffix=f'-{os.path.basename(path)}', dir=parent)
+    try:
+        yield staging
+        for folder, _, files in os.walk(staging):
+            os.chmod(folder, 0o777 & ~PROCESS_UMASK)
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o666 & ~PROCESS_UMASK)
+        if replace and os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def _read_text(path: str) -> str:
     if not os.path.exists(path):
         return ''
@@ -197,6 +300,11 @@ def _read_text(path: str) -> str:
 def _parse_summary(text: str) -> Tuple[List[str], List[dict]]:
     reader = csv.DictReader(io.StringIO(text, newline=''))
     return list(reader.fieldnames or []), list(reader)
+
+
+def read_summary_rows(path: str) -> List[dict]:
+    """The rows of a run's summary.csv ({column: text}, one per epoch); none when there is no such file."""
+    return _parse_summary(_read_text(path))[1]
 
 
 def _summary_text(columns: List[str], rows: List[dict]) -> str:
@@ -262,3 +370,43 @@ class WandbLogger:
     def log(self, row: dict):
         if self.run is not None:
             self.run.log(row)
+
+
+class RunRecorder:
+    """What rank 0 keeps of a run in its folder: args.yaml, and for each epoch a summary.csv row, its checkpoints
+    (utils.run_checkpoints.CheckpointKeeper), W&B's log and a line in train.log. A resumed run picks up the
+    checkpoints and rows it left, setting aside those of the epochs it redoes."""
+
+    def __init__(self, folder: str, args, start_epoch: int):
+        self.folder = folder
+        self.ranked_by = ranked_by(args)
+        self.summary = os.path.join(folder, SUMMARY_FILE)
+        self.keeper = CheckpointKeeper(folder, args.checkpoint_hist, decreasing=args.eval_metric == 'loss')
+        with writing(folder):
+            write_args_yaml(args, args_yaml_path(folder, start_epoch))
+            if start_epoch > 0:
+                self.keeper.restore(start_epoch - 1)
+                supersede_summary_rows(self.summary, start_epoch)
+        self.wandb = WandbLogger(args.log_wandb, plain_args(args), folder)
+
+    def record(self, state: dict, seconds: float, train: dict, evaluation: dict, ema: Optional[dict],
+               unreadable: int):
+        """Write the epoch's row and checkpoints (`state`, from run_checkpoints.training_state) and log its line."""
+        epoch, metric = state['epoch'], state['metric']
+        # The row goes first: a run killed before its checkpoint redoes the epoch and trims the row.
+        row = summary_row(epoch, train['lr'], train, evaluation, ema)
+        with writing(self.folder, resumable=self.folder):
+            append_summary(self.summary, row)
+            is_best = self.keeper.save(state)
+        self.wandb.log(row)
+        _run_logger.info(
+            f'Epoch {epoch} done in {seconds:.1f}s: train loss {train["loss"]:.4f} | eval {format_metrics(evaluation)}'
+            + (f' | ema {format_metrics(ema)}' if ema else '')
+            + f' | {self.ranked_by} {metric:.3f}{" (new best)" if is_best else ""}'
+            + (f' | {unreadable} unreadable images skipped' if unreadable else ''))
+
+    def finish(self):
+        if self.keeper.best is not None:
+            best_metric, best_epoch = self.keeper.best
+            _run_logger.info(f'Best {self.ranked_by}: {best_metric:.3f} at epoch {best_epoch}, saved in '
+                             f'{self.keeper.path("model_best.pth.tar")}')

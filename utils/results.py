@@ -1,4 +1,9 @@
-"""Results files: rows of measurements as .csv or .json, with the command, machine and versions they came from."""
+"""Results files: tables of rows as .csv, .json or .parquet, replaced whole or not at all.
+
+validate.py and benchmark.py write rows of measurements with the command, machine and versions they came
+from (`write_results`); inference.py writes a table of predictions in timm's layouts with `csv_text` and
+`write_parquet`; the ablation writes its results.csv with `write_results` too.
+"""
 import contextlib
 import csv
 import datetime
@@ -12,9 +17,11 @@ from typing import Dict, List, Optional, Sequence
 import timm
 import torch
 
+from models.checkpoint import atomic_file
 from .outputs import write_atomically
 
 RESULT_FORMATS = ('csv', 'json')
+TABLE_FORMATS = RESULT_FORMATS + ('parquet',)  # inference.py's predictions (parquet needs pyarrow)
 # Environment variables that change speed without showing in the command: allocators, thread pools, math
 # modes, compilers, devices, and where imported code comes from.
 TIMING_ENV_PREFIXES = (
@@ -23,10 +30,12 @@ TIMING_ENV_PREFIXES = (
 )
 
 
-def results_format(path: str, requested: Optional[str] = None) -> Optional[str]:
-    """The format to write `path` in: `requested`, else the one its suffix names; None when neither does."""
+def results_format(path: str, requested: Optional[str] = None,
+                   formats: Sequence[str] = RESULT_FORMATS) -> Optional[str]:
+    """The format to write `path` in: `requested`, else the one of `formats` its suffix names; None when neither
+    does."""
     suffix = os.path.splitext(path)[1].lstrip('.').lower()
-    return requested or (suffix if suffix in RESULT_FORMATS else None)
+    return requested or (suffix if suffix in formats else None)
 
 
 def command_line(script: str, argv: Sequence[str]) -> str:
@@ -70,23 +79,33 @@ def _csv_cell(value: object) -> object:
     return value
 
 
+def csv_text(rows: List[Dict[str, object]]) -> str:
+    """One line per row under a header of every column the rows have, in order of appearance; a cell that is a
+    list holds its values separated by spaces, a mapping its JSON, so that every row is one line of plain cells."""
+    buffer = io.StringIO(newline='')
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
+    writer.writeheader()
+    writer.writerows({k: _csv_cell(v) for k, v in row.items()} for row in rows)
+    return buffer.getvalue()
+
+
 def write_results(path: str, rows: List[Dict[str, object]], environment: Dict[str, object],
                   fmt: Optional[str] = None):
     """JSON: {"environment": ..., "results": [rows]}. CSV: one line per row, the environment's columns in
     every line. The file is replaced whole, so a crash leaves the old file or the new one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     if (fmt or results_format(path)) == 'json':
         text = json.dumps(dict(environment=environment, results=rows), indent=2, default=repr) + '\n'
     else:
-        buffer = io.StringIO()
-        columns = list(dict.fromkeys(key for row in rows for key in row)) + list(environment)
-        writer = csv.DictWriter(buffer, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _csv_cell(v) for k, v in dict(row, **environment).items()})
-        text = buffer.getvalue()
+        text = csv_text([dict(row, **environment) for row in rows])
     write_atomically(path, text)
+
+
+def write_parquet(path: str, columns: Dict[str, list]):
+    """A table of {column: values} as parquet (pyarrow), replaced whole as the other formats are."""
+    import pyarrow
+    import pyarrow.parquet
+    with atomic_file(path) as f:
+        pyarrow.parquet.write_table(pyarrow.table(columns), f)
 
 
 def format_table(lines: List[List[str]]) -> str:

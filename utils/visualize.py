@@ -16,7 +16,6 @@ matplotlib is an optional dependency, imported only when a figure is drawn; it r
 file-only Agg backend, so no display is needed.
 """
 import argparse
-import csv
 import math
 import os
 import sys
@@ -29,9 +28,11 @@ import torch
 
 import models
 from models.posmlp import GQPE, PoSGU, SGU
+from utils.errors import CheckpointError, VisualizeError
+from utils.outputs import read_summary_rows
 
 __all__ = [
-    'VisualizeError', 'TokenMaps', 'require_pyplot', 'parse_block', 'parse_token', 'block_token_maps',
+    'TokenMaps', 'require_pyplot', 'parse_block', 'parse_token', 'block_token_maps',
     'draw_token_maps', 'read_summary', 'draw_curves', 'main',
 ]
 
@@ -41,10 +42,6 @@ CURVE_SERIES = ('train', 'eval', 'ema')
 SERIES_STYLES = {'train': '-', 'eval': '--', 'ema': ':'}
 METRIC_TITLES = {'loss': 'loss', 'top1': 'top-1 (%)', 'top5': 'top-5 (%)'}
 MAX_GROUP_COLUMNS = 8
-
-
-class VisualizeError(ValueError):
-    """Input that cannot be drawn; the message names the problem and the fix."""
 
 
 def require_pyplot():
@@ -190,8 +187,7 @@ def read_summary(path: str) -> dict:
     """A summary.csv written by train.py as {column: [values per epoch]} (floats; epoch as int)."""
     if not os.path.isfile(path):
         raise VisualizeError(f'{path} does not exist; give the summary.csv of a run (output/<run>/summary.csv).')
-    with open(path, newline='') as f:
-        rows = list(csv.DictReader(f))
+    rows = read_summary_rows(path)
     if not rows:
         raise VisualizeError(f'{path} has no epochs yet; draw curves after the run has finished an epoch.')
     missing = [c for c in ('epoch', 'train_loss', 'eval_loss', 'eval_top1') if c not in rows[0]]
@@ -304,7 +300,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             out = draw_token_maps(args.checkpoint, args.blocks, args.out, args.token, args.use_ema, args.title)
         else:
             out = draw_curves(args.summaries, args.out, args.labels, args.metrics, args.series, args.title)
-    except (VisualizeError, models.CheckpointError) as e:
+    except (VisualizeError, CheckpointError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
     print(f'wrote {out}')

@@ -12,12 +12,11 @@ import os
 from typing import Optional, Tuple
 
 import models
-from models import CheckpointError, LoadedCheckpoint
+from models import LoadedCheckpoint
 from models.checkpoint import SAFETENSORS_SUFFIX
+from .data import recorded_input_options
+from .errors import CheckpointError
 
-# The training options that set the evaluation input (size, crop, resize filter, normalisation): a weights
-# file keeps these of the run's options, so it is evaluated as it was trained; paths and the recipe stay behind.
-INPUT_OPTIONS = ('img_size', 'input_size', 'in_chans', 'crop_pct', 'crop_mode', 'interpolation', 'mean', 'std')
 # Endings that name checkpoint and weights files, longest first: 'model_best.pth.tar' has the stem 'model_best'.
 WEIGHTS_SUFFIXES = ('.pth.tar', SAFETENSORS_SUFFIX, '.pth', '.tar', '.bin', '.pt')
 PTH_SUFFIX = '.pth'
@@ -33,7 +32,9 @@ def weights_content(checkpoint: LoadedCheckpoint, state_dict: Optional[dict] = N
         content.update(model_name=checkpoint.model_name, model_kwargs=dict(checkpoint.model_kwargs))
     if checkpoint.class_to_idx:
         content['class_to_idx'] = dict(checkpoint.class_to_idx)
-    inputs = {k: checkpoint.args[k] for k in INPUT_OPTIONS if checkpoint.args.get(k) not in (None, '')}
+    # Of the run's options, those that set the evaluation input, so the file is evaluated as it was trained;
+    # paths and the recipe stay behind.
+    inputs = recorded_input_options(checkpoint.args)
     if inputs:
         content['args'] = inputs
     content.update({k: v for k, v in extra.items() if v is not None})

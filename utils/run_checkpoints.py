@@ -16,10 +16,10 @@ from timm.scheduler import PlateauLRScheduler
 from timm.utils import get_state_dict, unwrap_model
 
 import models
-from models import CheckpointError
 from models.checkpoint import TEMPORARY_PREFIX
 
 from .amp import scaler_kind, scaler_state_kind
+from .errors import CheckpointError
 
 _logger = logging.getLogger(__name__)
 
