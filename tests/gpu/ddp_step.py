@@ -3,7 +3,7 @@
     python3 -m torch.distributed.run --standalone --nproc_per_node 1 tests/gpu/ddp_step.py --result ddp.json
 
 train.py wraps the model in DDP only with two or more processes; this process joins a one-process group
-itself and drives utils.engine.train_one_epoch with the model wrapped by train.py's wrap_ddp, so one GPU
+itself and drives utils.engine.train_one_epoch with the model wrapped by utils.recipe.wrap_ddp (as train.py wraps it), so one GPU
 runs what every GPU of a multi-GPU run does: float16 autocast with timm's loss scaler, gradient clipping
 after unscaling, gradient accumulation (no_sync on the micro-steps that do not update), EMA and NCCL's
 all-reduce of the gradients. It trains posmlp_t on a small fixed set of images whose class shows in

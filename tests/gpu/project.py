@@ -11,7 +11,7 @@ if str(ROOT) not in sys.path:
 import utils.offline  # noqa: E402,F401  (first: the hub client reads its switches when timm imports it)
 
 import models  # noqa: E402,F401  (registers the project's models with timm)
-from train import wrap_ddp  # noqa: E402,F401
+from utils.recipe import wrap_ddp  # noqa: E402,F401
 from utils.amp import resolve_precision  # noqa: E402,F401
 from utils.distributed import Runtime  # noqa: E402,F401
 from utils.engine import TrainSettings, evaluate, train_one_epoch  # noqa: E402,F401
