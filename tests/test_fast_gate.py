@@ -42,8 +42,10 @@ def relative_error(a, b, floor):
     return ((a - b).norm() / b.norm().clamp_min(floor)).item()
 
 
-def assert_same_gradients(model, expected_model, tolerance=1e-4, floor_fraction=1e-3):
-    """Per parameter, relative to its gradient or to `floor_fraction` of all gradients' norm if larger."""
+def assert_same_gradients(model, expected_model, tolerance=1e-4, floor_fraction=1e-2):
+    """Per parameter, relative to its gradient or to `floor_fraction` of all gradients' norm if larger. The
+    floor keeps a gradient that is only rounding noise (see `relative_error`) to tolerance x floor_fraction
+    = 1e-6 of the whole gradient's norm, about 8 float32 epsilons: two summation orders differ by that much."""
     expected = {n: p.grad for n, p in expected_model.named_parameters() if p.grad is not None}
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert got.keys() == expected.keys()
@@ -85,7 +87,7 @@ def test_models_cast_to_another_dtype_agree_in_it(dtype, tolerance):
         outputs.append(out)
     scale = outputs[1].abs().max()
     assert (outputs[0] - outputs[1]).abs().max() <= tolerance * scale
-    assert_same_gradients(fast, reference, tolerance=10 * tolerance, floor_fraction=max(1e-3, 10 * tolerance))
+    assert_same_gradients(fast, reference, tolerance=10 * tolerance, floor_fraction=max(1e-2, 10 * tolerance))
 
 
 @pytest.mark.parametrize('amp_dtype', [torch.bfloat16, torch.float16])
