@@ -24,12 +24,12 @@ import utils.offline  # noqa: F401  (first: the hub client reads its switches wh
 import numpy as np
 import torch
 from timm.data import CustomDatasetInfo, DatasetInfoLabelMapper, ImageNetInfo, infer_imagenet_subset
-from timm.utils import reparameterize_model
 
 import models
 from utils.amp import resolve_precision
 from utils.args import (
-    DefaultsHelpFormatter, ModelKwargs, add_amp_options, add_input_options, add_loader_options, amp_requested,
+    DefaultsHelpFormatter, ModelKwargs, add_amp_options, add_input_options, add_loader_options, add_reparam_option,
+    amp_requested, inference_form,
 )
 from utils.data import given_input_options, resolve_input_config, unreadable_count, wanted_class_map
 from utils.distributed import device_problem, init_runtime, run_script
@@ -61,8 +61,7 @@ def inference_parser() -> argparse.ArgumentParser:
     parser.add_argument('--model', default=None, help='timm model name (default: the one the checkpoint describes)')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargs, metavar='KEY=VALUE',
                         help='more model arguments, values as Python literals')
-    parser.add_argument('--no-reparam', dest='reparam', action='store_false',
-                        help="run the model as trained, without timm's reparameterize_model")
+    add_reparam_option(parser)
     parser.add_argument('--class-map', default='', metavar='FILE',
                         help='class names, one a line in label order (default: the class map the checkpoint stores)')
     parser.add_argument('--label-type', default='description', choices=LABEL_TYPES,
@@ -122,9 +121,8 @@ def label_mapper(args, model, checkpoint: models.LoadedCheckpoint) -> Optional[C
 
 def build_model(args, runtime):
     checkpoint = models.read_checkpoint(args.checkpoint, use_ema=args.use_ema)
-    model = models.create_model_from_checkpoint(checkpoint, model_name=args.model, **args.model_kwargs).eval()
-    if args.reparam:
-        model = reparameterize_model(model, inplace=True)
+    model = inference_form(models.create_model_from_checkpoint(checkpoint, model_name=args.model,
+                                                              **args.model_kwargs), args)
     model.to(runtime.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

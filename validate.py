@@ -25,8 +25,8 @@ import torch
 import models
 from utils.amp import resolve_precision, use_tf32_and_cudnn_benchmark
 from utils.args import (
-    DefaultsHelpFormatter, ModelKwargs, add_amp_options, add_input_options, add_loader_options,
-    add_torchcompile_options, amp_requested, check_torchcompile, resolve_data_root,
+    DefaultsHelpFormatter, ModelKwargs, add_amp_options, add_input_options, add_loader_options, add_reparam_option,
+    add_torchcompile_options, amp_requested, check_torchcompile, inference_form, resolve_data_root,
 )
 from utils.data import (
     class_folder_names, class_to_idx, create_split_dataset, evaluation_folder, given_input_options, num_classes_of,
@@ -65,6 +65,7 @@ def validate_parser() -> argparse.ArgumentParser:
     parser.add_argument('--model', default=None, help='timm model name (default: the one the checkpoint describes)')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargs, metavar='KEY=VALUE',
                         help='more model arguments, values as Python literals')
+    add_reparam_option(parser)
     parser.add_argument('-b', '--batch-size', type=at_least(1), default=256, help='batch size per process')
     add_loader_options(parser, 'process')
     parser.add_argument('--keep-empty-classes', action='store_true',
@@ -153,7 +154,8 @@ def validate(args) -> dict:
 
     data_dir = args.data_dir if args.dataset else evaluation_folder(args.data_dir, args.split)
     loaded = models.read_checkpoint(args.checkpoint, use_ema=args.use_ema)
-    model = models.create_model_from_checkpoint(loaded, model_name=args.model, **args.model_kwargs).eval()
+    model = inference_form(models.create_model_from_checkpoint(loaded, model_name=args.model, **args.model_kwargs),
+                           args)
     _logger.info(f'Checkpoint {args.checkpoint}: {describe_weights(loaded.weights, args.use_ema)}.')
     dataset = evaluation_dataset(args, data_dir, loaded, model)
     data_config = evaluation_input(args, loaded, model)
@@ -175,7 +177,7 @@ def validate(args) -> dict:
         top1=metrics['top1'], top5=metrics['top5'], loss=metrics['loss'], images=metrics['count'],
         params=sum(p.numel() for p in model.parameters()), img_per_sec=metrics['count'] / max(elapsed, 1e-9),
         input_size=list(data_config['input_size']), crop_pct=data_config['crop_pct'],
-        interpolation=data_config['interpolation'], processes=runtime.world_size,
+        interpolation=data_config['interpolation'], fused=args.reparam, processes=runtime.world_size,
         unreadable_images=unreadable_count(dataset),
     )
     if runtime.is_primary:

@@ -19,6 +19,7 @@ from tool_helpers import CLASS_TO_IDX, write_checkpoint
 import models
 import train
 import validate
+import utils.args
 from utils.amp import resolve_precision
 from utils.data import create_eval_transform, create_training_datasets, resolve_input_config
 from utils.errors import DataError
@@ -74,6 +75,23 @@ def test_bfloat16_and_channels_last_evaluate_close_to_float32(trained_run, capsy
         out = capsys.readouterr().out
         numbers.append(json.loads(out[out.index('{'):]))
     assert numbers[1]['loss'] == pytest.approx(numbers[0]['loss'], rel=0.05)
+
+
+def test_the_model_is_evaluated_fused_unless_no_reparam(trained_run, capsys, monkeypatch):
+    data, run = trained_run
+    fused_models = []
+    original = timm.utils.reparameterize_model
+    monkeypatch.setattr(utils.args, 'reparameterize_model',
+                        lambda model, inplace: fused_models.append(original(model, inplace)) or fused_models[-1])
+    numbers = []
+    for extra in ([], ['--no-reparam']):
+        assert validate.main([str(data), '--checkpoint', str(run / 'last.pth.tar'), '-j', '0', *extra]) == 0
+        out = capsys.readouterr().out
+        numbers.append(json.loads(out[out.index('{'):]))
+    assert len(fused_models) == 1 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused_models[0].modules())
+    assert [n['fused'] for n in numbers] == [True, False]
+    assert numbers[0]['top1'] == numbers[1]['top1'] and numbers[0]['top5'] == numbers[1]['top5']
+    assert numbers[0]['loss'] == pytest.approx(numbers[1]['loss'], rel=1e-5)
 
 
 def test_n_processes_give_exactly_the_numbers_of_one(trained_run, tmp_path):

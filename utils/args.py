@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 from timm.data import create_transform
 from timm.optim import get_optimizer_info
-from timm.utils import ParseKwargs
+from timm.utils import ParseKwargs, reparameterize_model
 
 from models.checkpoint import WEIGHT_SOURCE_ARGS, atomic_file, recorded_model_kwargs
 from .config import ConfigurableParser, read_config
@@ -152,6 +152,19 @@ def add_amp_options(parser):
 
 def amp_requested(args: argparse.Namespace) -> bool:
     return args.amp or args.amp_dtype is not None
+
+
+def add_reparam_option(parser):
+    """--no-reparam for the scripts that run a trained model: by default they run it fused for inference."""
+    parser.add_argument('--no-reparam', dest='reparam', action='store_false',
+                        help="run the model as trained, without fusing it for inference (timm's reparameterize_model: "
+                             "PosMLP's stem BatchNorms folded into its convs, its positional maps made once)")
+
+
+def inference_form(model, args: argparse.Namespace):
+    """The model as the script runs it: in eval mode, fused for inference unless --no-reparam."""
+    model = model.eval()
+    return reparameterize_model(model, inplace=True) if args.reparam else model
 
 
 def add_torchcompile_options(parser):
