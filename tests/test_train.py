@@ -47,8 +47,9 @@ SHORT_COMMAND = ['--model', 'posmlp_s']
 pytestmark = pytest.mark.usefixtures('in_process_run')
 
 
-def run_script(args, cwd, timeout=240) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env=script_env(), capture_output=True, text=True, timeout=timeout)
+def run_script(args, cwd, timeout=240, env=None) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env={**script_env(), **(env or {})}, capture_output=True, text=True,
+                            timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -608,11 +609,14 @@ def test_authors_command_line_runs_on_two_processes(tmp_path):
     assert args['mixup'] == 0.8 and args['aa'] == 'rand-m9-mstd0.5-inc1' and args['apex_amp'] is True
 
     # Each process's EMA has BatchNorm statistics of its own data; only if they are synced before the EMA
-    # is scored do the two processes score one model, the one saved, and one process measures the same
-    # (under the same autocast: --apex-amp fell back to native AMP, bfloat16 on the CPU).
+    # is scored do the two processes score one model, the one saved. eval.sh scores that saved model as training
+    # did: on two processes (each sees the batches it saw in training), unfused, under the same autocast
+    # (--apex-amp fell back to native AMP, bfloat16 on the CPU), since bfloat16 rounds a fused model, and a
+    # sample on some CPUs, differently.
     results = tmp_path / 'ema.json'
-    assert validate.main([str(data), '--checkpoint', str(tmp_path / 'out' / 'authors' / 'last.pth.tar'), '--use-ema',
-                          '-b', '4', '-j', '0', '--amp', '--results-file', str(results)]) == 0
+    run_script(['bash', str(ROOT / 'eval.sh'), str(data), str(tmp_path / 'out' / 'authors' / 'last.pth.tar'),
+                '--use-ema', '--no-reparam', '-b', '4', '-j', '0', '--amp', '--results-file', str(results)],
+               cwd=tmp_path, env={'NUM_PROC': '2'})
     measured = json.loads(results.read_text())['results'][0]
     assert float(rows[0]['ema_top1']) == pytest.approx(measured['top1'])
     # Unsynced, the two differ by about 1e-4 here; synced, by float32 rounding (about 1e-8).
