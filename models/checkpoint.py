@@ -25,6 +25,7 @@ import timm
 import torch
 from timm.data.transforms import str_to_interp_mode
 from timm.layers import to_2tuple
+# What timm's builder does to a feature backbone's cfg; timm exports no public name for it.
 from timm.models._builder import pretrained_cfg_for_features
 from torch import nn
 

@@ -30,6 +30,7 @@ from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+# timm exports no public name for it; its own models import it from here, as this one does.
 from timm.models._features import feature_take_indices
 
 from utils.weights_choice import training_weights

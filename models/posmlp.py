@@ -31,9 +31,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
     DropPath, get_act_layer, get_norm_layer, resample_abs_pos_embed, resize_rel_pos_bias_table, trunc_normal_,
 )
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import (
+    build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model, reparameterize_model,
+)
+# timm exports no public name for it; its own models import it from here, as this one does.
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import reparameterize_model
 
 from .posmlp_fast import channel_major_mlp
 

@@ -360,12 +360,12 @@ def check_torchcompile(parser: argparse.ArgumentParser, args: argparse.Namespace
                      f'--torchcompile (inductor is its default) or leave the mode out.')
     if not args.torchcompile:
         return
-    import torch._dynamo  # slow to import: only when compiling
-    if args.torchcompile not in torch._dynamo.list_backends(exclude_tags=()):
+    import torch  # list_backends loads torch._dynamo, which is slow: only when compiling
+    if args.torchcompile not in torch.compiler.list_backends(exclude_tags=()):
         parser.error(f'--torchcompile {args.torchcompile}: no such torch.compile backend; give one of '
-                     f'{", ".join(torch._dynamo.list_backends())}.')
+                     f'{", ".join(torch.compiler.list_backends())}.')
     if args.torchcompile_mode:
-        import torch._inductor
+        import torch._inductor  # where torch.compile's documentation lists the modes; no public name has them
         modes = torch._inductor.list_mode_options()
         if args.torchcompile_mode not in modes:
             parser.error(f'--torchcompile-mode {args.torchcompile_mode}: no such mode; give one of '
