@@ -6,7 +6,8 @@
     python3 benchmark.py --suite comparison --amp --results-file comparison.csv
     python3 benchmark.py --bench data -j 8
 
-Models are interleaved round by round, each in a worker process of its own (utils/benchmarking.py);
+Models are timed in rounds, each in a worker process of its own, interleaved but for a suite, which times
+one model at a time (utils/benchmarking.py);
 `--bench data` times the recipe's transforms through DataLoader workers (utils/loader_benchmark.py).
 """
 import argparse
@@ -106,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help='each task in its own worker process (default), which keeps peak memory per model '
                             'comparable; --no-isolate runs all in this process, where peak memory is only '
                             'reported for a single task')
+    group.add_argument('--interleave', action=argparse.BooleanOptionalAction, default=None,
+                       help='build every task first and time them round by round, so that they share the '
+                            'machine\'s load alike (default, but for a --suite); --no-interleave times one model '
+                            'at a time, holding only its memory: a suite\'s models together outgrow most machines')
     group = parser.add_argument_group('--bench data')
     group.add_argument('--data-dir', default=None, metavar='DIR',
                        help='images to read, one subfolder per class (e.g. /imagenet/train); default: JPEGs '
@@ -223,8 +228,10 @@ def log(message: str):
 
 def bench_models(args: argparse.Namespace, tasks: List[Task], baseline: Optional[Entry], config: RunConfig):
     """Time the tasks and print their table; returns the rows."""
-    log(f'{len(tasks)} tasks on {config.device}, {"a worker process each" if args.isolate else "all in this process"}')
-    rows = time_tasks(tasks, config, args.isolate, args.repeats, log)
+    interleave = args.interleave if args.interleave is not None else not args.suite
+    log(f'{len(tasks)} tasks on {config.device}, {"a worker process each" if args.isolate else "all in this process"}'
+        f', {"interleaved round by round" if interleave else "one at a time"}')
+    rows = time_tasks(tasks, config, args.isolate, args.repeats, log, interleave)
     if baseline is not None:
         add_speed_vs_baseline(rows, tasks, baseline)
     extra_columns = ()

@@ -296,6 +296,33 @@ def test_a_suite_runs_its_models_against_its_baseline(tmp_path, monkeypatch, cap
     assert [row['paper_vs_baseline'] for row in rows] == [0.5, 1.0] and rows[1]['speed_vs_baseline'] == 1
 
 
+@pytest.mark.parametrize('argv, most_alive', [([], 2), (['--no-interleave'], 1), (['--suite', 'comparison'], 1),
+                                               (['--suite', 'comparison', '--interleave'], 2)])
+def test_one_at_a_time_holds_one_model(argv, most_alive, monkeypatch, capsys, in_process_run):
+    # A suite's models together outgrow a 24 GB machine's memory in training: a suite times one at a time.
+    tiny_suite = suites.Suite(models=('posmlp_t', 'posmlp_t_lrpe'), baseline='posmlp_t',
+                              reference_img_per_sec=dict(posmlp_t=720), reference='a test')
+    monkeypatch.setitem(suites.SUITES, 'comparison', tiny_suite)
+    alive, most = [0], [0]
+
+    class CountedBench(benchmarking.ModelBench):
+        def __init__(self, *args):
+            super().__init__(*args)
+            alive[0] += 1
+            most[0] = max(most[0], alive[0])
+
+        def close(self):
+            alive[0] -= 1
+            super().close()
+
+    monkeypatch.setattr(benchmarking, 'ModelBench', CountedBench)
+    models = [] if '--suite' in argv else ['--model', 'posmlp_t', 'posmlp_t_lrpe', '--baseline', 'posmlp_t']
+    assert benchmark.main([*models, *argv, '--bench', 'inference', '--no-isolate', *QUICK_ARGS, *TINY_ARGS]) == 0
+    assert (most[0], alive[0]) == (most_alive, 0)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('posmlp_t')]
+    assert len(lines) == 2 and re.search(r' 1\.00x ', lines[0])  # the baseline against itself
+
+
 def test_sample_jpegs_have_the_sizes_asked_for(tmp_path):
     from PIL import Image
     loader_benchmark.write_sample_jpegs(tmp_path, 8, 40)

@@ -1,10 +1,12 @@
-"""Timing models: inference and training steps in interleaved rounds, each model in a worker process of its own.
+"""Timing models: inference and training steps in rounds, each model in a worker process of its own.
 
 An entry is a timm model name, optionally with keyword arguments for that model alone; an entry in
-one mode (inference or training) is a task. `time_tasks` builds every task, then times `repeats`
-rounds of `steps` steps, every task once per round in an order rotated from round to round, so
-background load on a shared machine falls on all tasks alike; a task's row reports the median over
-rounds with the min and max. In a worker process of its own, a task's peak memory is its own.
+one mode (inference or training) is a task. `time_tasks` times `repeats` rounds of `steps` steps per
+task; interleaved (the default), it builds every task first and times each once per round in an order
+rotated from round to round, so background load on a shared machine falls on all tasks alike, which
+holds every model in memory at once; one at a time, it builds, times and closes each task in turn. A
+task's row reports the median over rounds with the min and max. In a worker process of its own, a
+task's peak memory is its own.
 """
 import argparse
 import concurrent.futures
@@ -319,8 +321,8 @@ class WorkerBench:
         try:
             return self.executor.submit(function, *args).result()
         except concurrent.futures.process.BrokenProcessPool:
-            raise BenchmarkError('the worker process died, most likely killed for lack of memory; try a smaller '
-                                 '--batch-size') from None
+            raise BenchmarkError('the worker process died, most likely killed for lack of memory; try '
+                                 '--no-interleave (one model at a time) or a smaller --batch-size') from None
 
     def describe(self) -> Dict[str, object]:
         return self.info
@@ -363,8 +365,24 @@ def rotated(count: int, round_index: int) -> List[int]:
 
 
 def time_tasks(tasks: List[Task], config: RunConfig, isolate: bool, repeats: int,
-               log: Callable[[str], None]) -> List[Dict[str, object]]:
-    """Build every task, time `repeats` interleaved rounds, and return one result row per task."""
+               log: Callable[[str], None], interleave: bool = True) -> List[Dict[str, object]]:
+    """Time `repeats` rounds of every task and return one result row per task. Interleaved, every task is
+    built first and each round times them all; otherwise each task is built, timed and closed in turn, so
+    that only one model's memory is held at a time."""
+    groups = [tasks] if interleave else [[task] for task in tasks]
+    # In one shared process a task's memory figure would include every other task's.
+    memory_is_own = isolate or len(tasks) == 1
+    rows = []
+    for group in groups:
+        for task, info, times, peak in time_together(group, config, isolate, repeats, log):
+            rows.append(result_row(task, info, times, peak if memory_is_own else None, config))
+    return rows
+
+
+def time_together(tasks: List[Task], config: RunConfig, isolate: bool, repeats: int,
+                  log: Callable[[str], None]) -> List[Tuple[Task, Dict[str, object], List[Tuple[float, float]],
+                                                            Optional[float]]]:
+    """Build the tasks, time them in interleaved rounds, close them; (task, description, timings, peak MB)."""
     context = worker_context() if isolate else None
     benches: List[Union[ModelBench, WorkerBench]] = []
     try:
@@ -386,13 +404,11 @@ def time_tasks(tasks: List[Task], config: RunConfig, isolate: bool, repeats: int
         for task, bench in zip(tasks, benches):
             with reported_as(task):
                 peaks.append(bench.peak_mem_mb())
+        return [(task, bench.describe(), times, peak)
+                for task, bench, times, peak in zip(tasks, benches, timings, peaks)]
     finally:
         for bench in benches:
             bench.close()
-    # In one shared process a task's memory figure would include every other task's.
-    memory_is_own = isolate or len(tasks) == 1
-    return [result_row(task, bench.describe(), times, peak if memory_is_own else None, config)
-            for task, bench, times, peak in zip(tasks, benches, timings, peaks)]
 
 
 def result_row(task: Task, info: Dict[str, object], timings: List[Tuple[float, float]],
@@ -429,8 +445,8 @@ def result_row(task: Task, info: Dict[str, object], timings: List[Tuple[float, f
 
 
 def add_speed_vs_baseline(rows: List[Dict[str, object]], tasks: List[Task], baseline: Entry):
-    """Each row's img/s over the baseline entry's in the same mode, as the median of per-round ratios:
-    rounds are interleaved, so both ran minutes apart at most and shared that time's background load."""
+    """Each row's img/s over the baseline entry's in the same mode, as the median of per-round ratios
+    (interleaved, both ran minutes apart at most and shared that time's background load)."""
     base_rates = {task.mode: row['round_img_per_sec'] for task, row in zip(tasks, rows) if task.entry == baseline}
     for task, row in zip(tasks, rows):
         ratios = [rate / base for rate, base in zip(row['round_img_per_sec'], base_rates[task.mode])]
