@@ -45,12 +45,13 @@ entries (--model, --model-list, --baseline): NAME [KEY=VALUE ...]
   a timm model name, then keyword arguments for that model alone, written as --model-kwargs takes them
   (values are Python literals where they parse as one, strings otherwise; no spaces inside a value).
   Quote an entry with settings as one argument; the same model may appear with several settings, and
-  all entries are interleaved round by round, so their timings share the machine's load alike:
+  entries are interleaved round by round (but for a --suite), so their timings share the machine's
+  load alike:
     --model posmlp_t "posmlp_t gate_impl=reference" "posmlp_t embed_dims=(64,128,256,512)"
 
 columns: img/s is the median over rounds of batch x steps / round time (min-max beside it);
 vs base (with --baseline or a --suite) the median over rounds of img/s over the baseline's in that
-round; ms/step the median round time per step; CPU ms/step the median CPU time of the process (all
+round (one at a time, round i of each task, taken minutes apart); ms/step the median round time per step; CPU ms/step the median CPU time of the process (all
 its threads) per step, which other programs' load inflates less than wall-clock time (on CUDA it is
 host time only); GMACs the multiply-accumulates of one inference forward per image (torch's
 FlopCounterMode: matmuls and convolutions, MACs = FLOPs / 2); peak MB the peak memory of the measured

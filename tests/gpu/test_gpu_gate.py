@@ -2,7 +2,7 @@
 
 posmlp_t (GQPE) and posmlp_t_lrpe, built with gate_impl='fast' and 'reference' and holding the same
 (perturbed) weights: outputs and gradients in training, the evaluation paths without autograd, the
-cached maps, and the fused model. Tolerances: check_setup.TOLERANCES.
+maps after a parameter edit, and the fused model. Tolerances: check_setup.TOLERANCES.
 """
 import contextlib
 import copy
@@ -96,7 +96,7 @@ def test_training_outputs_and_gradients_match(name, precision):
 @pytest.mark.parametrize('precision', PRECISIONS)
 @pytest.mark.parametrize('name', MODELS)
 def test_evaluation_paths_match(name, precision):
-    """Evaluation without autograd (in place, maps cached), in inference mode, with autograd, and in
+    """Evaluation without autograd, in inference mode, with autograd, and in
     channels-last layout all give the reference form's output, and leave the input alone."""
     device = check_device()
     exact_float32()
@@ -123,8 +123,8 @@ def test_evaluation_paths_match(name, precision):
 
 @pytest.mark.parametrize('name', MODELS)
 def test_cached_maps_follow_parameter_changes(name):
-    """Repeated inference reuses the maps; an in-place edit of the positional parameters (as an optimizer
-    step makes) and a cast to another type are seen by the next inference."""
+    """Repeated inference gives the same output; an in-place edit of the positional parameters (as an
+    optimizer step makes) and a cast to another type are seen by the next inference: no stale maps."""
     device = check_device()
     exact_float32()
     fast, reference = perturbed_pair(name, device)
