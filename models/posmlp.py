@@ -233,6 +233,15 @@ class FrozenMaps(nn.Module):
         with torch.no_grad():
             self.register_buffer('maps', encoder())
 
+    def train(self, mode: bool = True) -> 'FrozenMaps':
+        # Training would leave the stored maps behind the parameters they came from, which would still be
+        # optimised (and decayed) without effect: refuse rather than train a different model silently.
+        if mode:
+            raise RuntimeError('a fused PosMLP is for inference: its positional maps are stored, so training '
+                               'would not update them. Train the model before fuse(), or rebuild it unfused from '
+                               'its weights (models.create_model_from_checkpoint).')
+        return super().train(False)
+
     def forward(self, invalid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.maps if invalid_tokens is None else self.encoder(invalid_tokens)
 

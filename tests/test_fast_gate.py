@@ -178,6 +178,15 @@ def test_fusing_twice_and_fused_state_dicts_round_trip():
         other.load_state_dict(fast.state_dict())
 
 
+def test_a_fused_model_refuses_to_train():
+    # Its stored maps would stay behind their parameters, which an optimizer would still move and decay.
+    fused = perturbed_pair()[0].fuse()
+    with pytest.raises(RuntimeError, match='a fused PosMLP is for inference'):
+        fused.train()
+    fused.eval()  # evaluation and inference stay allowed
+    assert not fused.training
+
+
 def test_frozen_maps_are_the_encoders_and_padding_still_masks():
     fast, _ = perturbed_pair()
     gate = fast.stages[0].blocks[0].gate
