@@ -409,7 +409,7 @@ def _check_pooling(global_pool: str, num_classes: int):
 def checkpoint_filter_fn(state_dict: dict, model: Optional[nn.Module] = None) -> dict:
     """The authors' checkpoints already use this module's names: pick the weights of a whole training
     checkpoint (EMA when present) and drop DDP's `module.` prefix."""
-    return training_weights(state_dict)
+    return training_weights(state_dict, model)
 
 
 def _token_weights_tied(state_dict: Dict[str, torch.Tensor]) -> bool:

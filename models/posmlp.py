@@ -37,6 +37,8 @@ from timm.models import (
 # timm exports no public name for it; its own models import it from here, as this one does.
 from timm.models._features import feature_take_indices
 
+from utils.weights_choice import training_weights
+
 from .posmlp_fast import channel_major_mlp
 
 __all__ = [
@@ -707,13 +709,8 @@ def checkpoint_filter_fn(state_dict: dict, model: Optional[nn.Module] = None) ->
     Accepts a whole training checkpoint too: its EMA weights are used when present, as the authors
     evaluated with them (pick other weights with `models.create_model_from_checkpoint`).
     """
-    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-            break
     out = {}
-    for name, value in state_dict.items():
-        name = name[len('module.'):] if name.startswith('module.') else name
+    for name, value in training_weights(state_dict, model).items():
         if name.endswith(_AUTHOR_DERIVED_BUFFERS):
             continue
         for pattern, replacement in _AUTHOR_KEY_RENAMES:

@@ -353,7 +353,7 @@ def checkpoint_filter_fn(state_dict: dict, model: Optional[nn.Module] = None) ->
     """The authors' parameter names (or this project's) in this module's layout:
     `patch_embed.` -> `stem.`, `network.{k}.` -> `stages.{i}.blocks.` or `stages.{i}.downsample.`,
     `.attn.` -> `.permute_mlp.`. Takes a whole training checkpoint too (its EMA weights when present)."""
-    state_dict = training_weights(state_dict)
+    state_dict = training_weights(state_dict, model)
     entry_names = _network_entry_names(state_dict)
     out = {}
     for name, value in state_dict.items():

@@ -32,6 +32,23 @@ def model_of(state_dict):
     return model
 
 
+def test_timm_dropping_a_head_that_fits_is_a_warning(tmp_path, caplog):
+    # timm replaces the file's head by a random one when pretrained_cfg's class count is not the model's,
+    # whatever the file's head is; the project's filters say so where a notebook shows it.
+    path = tmp_path / 'run.pth.tar'
+    write_checkpoint(path)
+    with caplog.at_level('WARNING'):
+        dropped = timm.create_model('posmlp_t', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                                    num_classes=3, **TINY_KWARGS).eval()
+    warning, = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+    assert "3-class head fits the model, but timm drops it" in warning and 'num_classes=3 in pretrained_cfg' in warning
+    caplog.clear()
+    with caplog.at_level('WARNING'):
+        kept = timm_pretrained(path).eval()
+    assert not [r for r in caplog.records if r.levelname == 'WARNING']
+    assert not torch.equal(dropped.head.weight, kept.head.weight)
+
+
 # --- the loader: .safetensors files ---------------------------------------------------------------------
 
 def test_a_safetensors_checkpoint_keeps_its_plain_data_and_rebuilds_its_model(tmp_path):

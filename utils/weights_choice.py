@@ -8,6 +8,7 @@ live ones. Training ranks its checkpoints (model_best.pth.tar) by the EMA model 
 the weights ranked best are the ones evaluated by default; --no-best-from-ema ranks by the live model.
 """
 import argparse
+import logging
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -18,6 +19,8 @@ from .errors import CheckpointError
 EMA_KEYS = ('state_dict_ema', 'model_ema')
 LIVE_KEYS = ('state_dict', 'model')
 WEIGHT_KEYS = EMA_KEYS + LIVE_KEYS  # most preferred first
+
+_logger = logging.getLogger(__name__)
 
 
 def select_state_dict(checkpoint: Any, use_ema: Optional[bool] = None) -> Tuple[Dict[str, torch.Tensor], str]:
@@ -39,12 +42,28 @@ def select_state_dict(checkpoint: Any, use_ema: Optional[bool] = None) -> Tuple[
     raise CheckpointError(f'no weights found in the checkpoint (keys: {sorted(checkpoint)[:10]}).')
 
 
-def training_weights(checkpoint: dict) -> Dict[str, torch.Tensor]:
+def training_weights(checkpoint: dict, model: Optional[torch.nn.Module] = None) -> Dict[str, torch.Tensor]:
     """For the checkpoint filters of timm's pretrained route: the preferred weights of a whole training
     checkpoint, or a state dict as given; either way without the `module.` / `_orig_mod.` prefixes that DDP
-    and torch.compile add."""
+    and torch.compile add. Given the model, warns when timm is about to drop a head that fits it."""
     key = next((k for k in WEIGHT_KEYS if isinstance(checkpoint.get(k), dict)), None)
-    return clean_state_dict(checkpoint[key] if key else checkpoint)
+    state_dict = clean_state_dict(checkpoint[key] if key else checkpoint)
+    if model is not None:
+        warn_if_a_fitting_head_is_dropped(state_dict, model)
+    return state_dict
+
+
+def warn_if_a_fitting_head_is_dropped(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module):
+    """timm's pretrained route discards the file's classifier whenever the model's class count differs from
+    its pretrained_cfg's, even when the file's head has the model's class count: a trained head would be
+    replaced by a random one with only an INFO line, which a notebook does not show."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    classifier, num_classes = cfg.get('classifier'), getattr(model, 'num_classes', None)
+    weight = state_dict.get(f'{classifier}.weight') if isinstance(classifier, str) else None
+    if weight is not None and weight.shape[0] == num_classes != cfg.get('num_classes'):
+        _logger.warning(f'The file\'s {num_classes}-class head fits the model, but timm drops it (and the model '
+                        f'gets a random head) because pretrained_cfg says num_classes={cfg.get("num_classes")}; '
+                        f'put num_classes={num_classes} in pretrained_cfg_overlay to keep it.')
 
 
 def is_ema(key: str) -> bool:
