@@ -542,9 +542,12 @@ def create_model_from_checkpoint(
         hint = (f'The arguments {", ".join(changed)} (validate.py: --model-kwargs) change the architecture the '
                 f'checkpoint describes; leave them out.' if changed else
                 'Pass model_name (validate.py: --model) and the arguments of the model it was made for.')
-    # The input the checkpoint was trained on becomes the model's pretrained_cfg, which timm's data config reads.
-    model_kwargs['pretrained_cfg_overlay'] = dict(
-        _recorded_data_config(checkpoint, model_kwargs, kwargs), **model_kwargs.get('pretrained_cfg_overlay') or {})
+    # The input the checkpoint was trained on, and its class count, become the model's pretrained_cfg, which
+    # timm's data config (and anything else reading the cfg) takes as the model's own.
+    recorded = _recorded_data_config(checkpoint, model_kwargs, kwargs)
+    if 'num_classes' in model_kwargs:
+        recorded['num_classes'] = model_kwargs['num_classes']
+    model_kwargs['pretrained_cfg_overlay'] = dict(recorded, **model_kwargs.get('pretrained_cfg_overlay') or {})
     features_only = model_kwargs.pop('features_only', False)
     feature_kwargs = {k: model_kwargs.pop(k) for k in FEATURE_ARGS if k in model_kwargs}
     model = timm.create_model(model_name, **model_kwargs)

@@ -66,6 +66,7 @@ def test_a_safetensors_checkpoint_keeps_its_plain_data_and_rebuilds_its_model(tm
     model = models.create_model_from_checkpoint(loaded)
     assert torch.equal(logits(model, IMAGES), logits(model_of(saved['state_dict']), IMAGES))
     assert model.pretrained_cfg['input_size'] == (3, 32, 32) and model.pretrained_cfg['crop_pct'] == 1.0
+    assert model.pretrained_cfg['num_classes'] == model.num_classes == 3  # not the default cfg's 1000
     # A bare state dict is written as the tensors alone.
     models.save_checkpoint_file(saved['state_dict'], str(tmp_path / 'bare.safetensors'))
     assert set(safetensors.torch.load_file(str(tmp_path / 'bare.safetensors'))) == set(saved['state_dict'])
