@@ -25,6 +25,7 @@ from timm.models import get_pretrained_cfg, save_for_hf
 import models
 from models import LoadedCheckpoint
 from utils.args import DefaultsHelpFormatter
+from utils.data import validation_folder_label
 from utils.distributed import run_script
 from utils.errors import CheckpointError
 from utils.outputs import ARGS_FILE, SUMMARY_FILE, atomic_folder, read_summary_rows, setup_logging
@@ -115,8 +116,9 @@ def data_section(loaded: LoadedCheckpoint, cfg: dict, num_classes: int) -> List[
     lines = ['## Data', '']
     root = args.get('data_dir') or args.get('data')
     if root:
-        lines.append(f'Trained on the `{args.get("train_split", "train")}` split of `{root}` ({source}), validated on '
-                     f'its `{args.get("val_split", "validation")}` split.')
+        val_folder = validation_folder_label(root, args.get('val_split') or 'validation')
+        lines.append(f'Trained on the `{args.get("train_split", "train")}/` split of `{root}` ({source}), validated '
+                     f'on its `{val_folder}` split.')
     names = label_names(loaded.class_to_idx)
     if names:
         shown = list(names.values() if isinstance(names, dict) else names)

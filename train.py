@@ -129,8 +129,8 @@ def note_the_options(args):
         _logger.info(f'Resuming {args.resume}: options given neither here nor in a config are the ones it records.')
     recipe = os.path.join(RECIPES, f'{args.model}.yaml')
     if not args.config and not args.resume and os.path.isfile(recipe):
-        _logger.info(f'No -c given: {recipe} holds the paper\'s full recipe for {args.model} (EMA, AMP, its lr '
-                     f'and batch size); pass it with -c to use it.')
+        _logger.info(f'No -c given: {recipe} holds the recipe for {args.model} (lr, batch size, schedule, '
+                     f'augmentation, EMA and AMP, with where they come from); pass it with -c to use it.')
 
 
 def main(argv=None) -> int:

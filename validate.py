@@ -154,8 +154,9 @@ def validate(args) -> dict:
 
     data_dir = args.data_dir if args.dataset else evaluation_folder(args.data_dir, args.split)
     loaded = models.read_checkpoint(args.checkpoint, use_ema=args.use_ema)
-    model = inference_form(models.create_model_from_checkpoint(loaded, model_name=args.model, **args.model_kwargs),
-                           args)
+    model = models.create_model_from_checkpoint(loaded, model_name=args.model, **args.model_kwargs)
+    params = sum(p.numel() for p in model.parameters())  # the model as trained: fusing folds some away
+    model = inference_form(model, args)
     _logger.info(f'Checkpoint {args.checkpoint}: {describe_weights(loaded.weights, args.use_ema)}.')
     dataset = evaluation_dataset(args, data_dir, loaded, model)
     data_config = evaluation_input(args, loaded, model)
@@ -175,7 +176,7 @@ def validate(args) -> dict:
     results = dict(
         model=model.pretrained_cfg['architecture'], checkpoint=args.checkpoint, weights=loaded.weights,
         top1=metrics['top1'], top5=metrics['top5'], loss=metrics['loss'], images=metrics['count'],
-        params=sum(p.numel() for p in model.parameters()), img_per_sec=metrics['count'] / max(elapsed, 1e-9),
+        params=params, img_per_sec=metrics['count'] / max(elapsed, 1e-9),
         input_size=list(data_config['input_size']), crop_pct=data_config['crop_pct'],
         interpolation=data_config['interpolation'], fused=args.reparam, processes=runtime.world_size,
         unreadable_images=unreadable_count(dataset),

@@ -380,7 +380,7 @@ def test_vip_command_line_runs_on_two_processes(tmp_path):
                             cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert 'on cpu, 2 process(es)' in result.stdout and 'Model vip_s7' in result.stdout
-    assert 'configs/vip_s7.yaml holds the paper' in result.stdout
+    assert 'configs/vip_s7.yaml holds the recipe for vip_s7' in result.stdout
     assert 'Train: 0 [   2/2 (100%)]' in result.stdout
     checkpoint = models.load_checkpoint_file(str(tmp_path / 'out' / 'vip' / 'last.pth.tar'))
     assert checkpoint['model_name'] == 'vip_s7' and list(checkpoint['model_kwargs']['segment_dim']) == [8, 4, 4, 4]

@@ -67,6 +67,7 @@ def test_the_model_card_gives_the_runs_metrics_recipe_data_and_command(trained_r
     assert f'| {epoch} | {float(row["ema_top1"]):.3f} | {float(row["ema_top5"]):.3f} | {float(row["ema_loss"]):.4f} |' \
         in card
     assert '3 classes: a, b, c.' in card and 'Input: 32x32' in card
+    assert 'validated on its `val/` split' in card  # the folder it used, not the option's default name
     assert '| `epochs` | `2` |' in card and '| `model_ema_decay` | `0.5` |' in card
     assert 'python train.py -c args.yaml' in card and f"timm.create_model('local-dir:{out}', pretrained=True)" in card
 

@@ -629,7 +629,7 @@ def test_short_command_line_runs(tmp_path):
                  '--output', str(tmp_path / 'out'), '--experiment', 'short']
     result = run_script(['bash', str(ROOT / 'distributed_train.sh'), '1', str(data), *SHORT_COMMAND, *overrides],
                         cwd=tmp_path)
-    assert 'Model posmlp_s' in result.stdout and 'configs/posmlp_s.yaml holds the paper' in result.stdout
+    assert 'Model posmlp_s' in result.stdout and 'configs/posmlp_s.yaml holds the recipe for posmlp_s' in result.stdout
     assert load_checkpoint(tmp_path / 'out' / 'short' / 'last.pth.tar')['model_name'] == 'posmlp_s'
 
 
@@ -650,6 +650,17 @@ def test_a_one_channel_model_trains_and_evaluates_on_grey_images_of_rgb_folders(
     assert image.mode == 'L' and image.tobytes() == grey.tobytes()
     with pytest.raises(OptionError, match='the input has 4 channels, but images are read as RGB'):
         use_input_channels(dataset, 4)
+
+
+@pytest.mark.parametrize('warmup, warned', [('1', True), ('0', False)])
+def test_a_run_no_longer_than_its_warmup_is_warned_of(tmp_path, warmup, warned):
+    # timm's default 10 warm-up epochs keep a short trial run at --warmup-lr throughout: chance accuracy.
+    data = make_image_folder(tmp_path / 'data', per_class=2)
+    assert train_in_process(data, tmp_path / 'out', 'short', '--epochs', '1', '--max-steps-per-epoch', '1',
+                            '--warmup-epochs', warmup) == 0
+    log = (tmp_path / 'out' / 'short' / 'train.log').read_text()
+    assert ('--warmup-epochs 1 is not shorter than --epochs 1: the learning rate never leaves its warm-up' in log) \
+        == warned
 
 
 def test_a_model_that_cannot_be_built_is_one_sentence(tmp_path, capsys):

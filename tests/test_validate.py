@@ -92,6 +92,7 @@ def test_the_model_is_evaluated_fused_unless_no_reparam(trained_run, capsys, mon
     assert [n['fused'] for n in numbers] == [True, False]
     assert numbers[0]['top1'] == numbers[1]['top1'] and numbers[0]['top5'] == numbers[1]['top5']
     assert numbers[0]['loss'] == pytest.approx(numbers[1]['loss'], rel=1e-5)
+    assert numbers[0]['params'] == numbers[1]['params']  # the model as trained, not what fusing leaves
 
 
 def test_n_processes_give_exactly_the_numbers_of_one(trained_run, tmp_path):

@@ -425,6 +425,10 @@ def check_train_options(parser: argparse.ArgumentParser, args: argparse.Namespac
     problem = model_name_problem(args.model)
     if problem:
         parser.error(f'--model {args.model}: {problem} PosMLP models are posmlp_t/s/b and posmlp_{{t,s,b}}_lrpe/_sgu.')
+    if 0 < args.epochs <= args.warmup_epochs:
+        _logger.warning(f'--warmup-epochs {args.warmup_epochs} is not shorter than --epochs {args.epochs}: the learning '
+                        f'rate never leaves its warm-up from --warmup-lr {args.warmup_lr:g} to --lr; for a short run, '
+                        f'give fewer warm-up epochs.')
 
 
 def config_options(parser: ConfigurableParser, argv: List[str]) -> Dict[str, Any]:

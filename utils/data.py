@@ -74,6 +74,12 @@ def _split_label(split: str) -> str:
     return 'val/ (or validation/)' if split in EVAL_SPLIT_NAMES else f'{split}/'
 
 
+def validation_folder_label(root: str, split: str) -> str:
+    """A run's validation folder, named for people: the one that exists under root, else the names it may have."""
+    found = _eval_split_dir(root, split) if os.path.isdir(root) else None
+    return f'{os.path.basename(found)}/' if found else _split_label(split)
+
+
 def folder_splits(root: str, train_split: str = 'train', val_split: str = 'validation') -> Tuple[str, str]:
     """The training and validation folders of an ImageNet-style root."""
     require_dir(root)
