@@ -12,6 +12,10 @@ VAL_DIR=$1
 CHECKPOINT=$2
 shift 2
 VALIDATE="$(dirname "$0")/validate.py"
+if ! [[ "${NUM_PROC:-1}" =~ ^[1-9][0-9]*$ ]]; then
+    echo "$0: NUM_PROC=${NUM_PROC} is not a number of processes; give a whole number from 1, e.g. NUM_PROC=8" >&2
+    exit 2
+fi
 if [ "${NUM_PROC:-1}" -gt 1 ]; then
     exec "${PYTHON:-python3}" -m torch.distributed.run --standalone --nproc_per_node="$NUM_PROC" \
         "$VALIDATE" "$VAL_DIR" --checkpoint "$CHECKPOINT" "$@"

@@ -207,6 +207,18 @@ def test_model_error_in_a_worker_is_one_line_naming_the_entry(capsys):
     assert 'no_such_arg' in err[-1] and 'keyword names' in err[-1] and 'Traceback' not in '\n'.join(err)
 
 
+def test_a_model_that_runs_out_of_memory_names_the_way_out(capsys, in_process_run, monkeypatch):
+    def no_memory(*args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 12000000000000 bytes.\nmore detail")
+
+    monkeypatch.setattr(benchmarking.ModelBench, '__init__', no_memory)
+    code = benchmark.main(['--model', 'posmlp_t', '--bench', 'inference', '--no-isolate', *QUICK_ARGS, *TINY_ARGS])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith('benchmark.py: error: posmlp_t (infer): out of memory (')
+    assert err[-1].endswith('try --no-interleave (one model at a time) or a smaller --batch-size')
+
+
 def test_entry_syntax():
     entry = benchmarking.parse_entry('posmlp_t  gate_impl=reference embed_dims=(8,16) drop_rate=0.1')
     assert entry.model == 'posmlp_t' and entry.text == 'posmlp_t gate_impl=reference embed_dims=(8,16) drop_rate=0.1'

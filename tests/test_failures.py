@@ -296,6 +296,11 @@ def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
     (['--train-interpolation', 'cubic'], '--train-interpolation cubic: not a resize filter; give one of nearest'),
     (['--aa', 'autoaugment'], '--aa autoaugment: not an augmentation policy timm knows (Unknown AA policy'),
     (['--mean', '0.5', '0.5'], '--mean takes 1 value or 3 (one per image channel), not 2.'),
+    (['--mean', 'nan', '0.5', '0.5'], 'argument --mean: must be a finite number, not nan'),
+    (['--std', '1e-30'], 'argument --std: must be 0.001 or more, not 1e-30; the image is divided by it'),
+    (['--seed', '-1'], 'argument --seed: must be from 0 to 2**32 - 1, not -1'),
+    (['--remode', 'bogus'], "argument --remode: invalid choice: 'bogus' (choose from 'const', 'rand', 'pixel')"),
+    (['--cutmix-minmax', '0.9', '0.1'], '--cutmix-minmax 0.9 0.1: give the smaller box ratio first'),
 ])
 def test_bad_training_options_are_named_before_anything_runs(capsys, option, message):
     with pytest.raises(SystemExit):
@@ -304,8 +309,10 @@ def test_bad_training_options_are_named_before_anything_runs(capsys, option, mes
 
 
 @pytest.mark.parametrize('option, message', [
-    (['--crop-pct', '0'], 'argument --crop-pct: must be more than 0, not 0'),
-    (['--std', '0.2', '0', '0.2'], 'argument --std: must be more than 0, not 0'),
+    (['--crop-pct', '0'], 'argument --crop-pct: must be more than 0 and at most 1, not 0'),
+    (['--crop-pct', '1e9'], 'argument --crop-pct: must be more than 0 and at most 1, not 1e9'),
+    (['--std', '0.2', '0', '0.2'], 'argument --std: must be 0.001 or more, not 0'),
+    (['--mean', 'inf'], 'argument --mean: must be a finite number, not inf'),
 ])
 def test_bad_evaluation_numbers_are_named(capsys, option, message):
     with pytest.raises(SystemExit):

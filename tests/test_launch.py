@@ -57,3 +57,17 @@ def test_two_single_node_jobs_on_one_host_run_at_once(tmp_path):
     finish({name: start_training(data, out, name, 2) for name in ('first', 'second')})
     assert all((out / name / 'last.pth.tar').exists() for name in ('first', 'second'))
 
+
+
+@pytest.mark.parametrize('num_proc, expected', [('abc', None), ('0', None), ('1', []), ('2', ['-m', 'torch.distributed.run'])])
+def test_eval_sh_runs_the_processes_asked_for_and_refuses_other_counts(tmp_path, num_proc, expected):
+    printer = tmp_path / 'python'
+    printer.write_text(ARGS_PRINTER)
+    printer.chmod(0o755)
+    result = subprocess.run(['bash', str(ROOT / 'eval.sh'), '/val', 'ckpt'],
+                            env=launch_env(PYTHON=str(printer), NUM_PROC=num_proc), capture_output=True, text=True)
+    if expected is None:
+        assert result.returncode == 2 and f'NUM_PROC={num_proc} is not a number of processes' in result.stderr
+    else:
+        assert result.returncode == 0 and result.stdout.split()[:len(expected)] == expected
+        assert result.stdout.split()[-3:] == ['/val', '--checkpoint', 'ckpt']

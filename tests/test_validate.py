@@ -417,3 +417,24 @@ def test_a_class_map_whose_labels_are_not_labels_is_refused(tmp_path, capsys, la
     out = capsys.readouterr().out
     assert (f'Stopped: the class_to_idx of {checkpoint} is not a class map: its labels must be whole numbers '
             f'from 0, not {next(iter(labels.values()))!r}.') in out and 'Traceback' not in out
+
+
+def test_a_class_map_that_gives_two_classes_one_label_is_refused(tmp_path, capsys):
+    # Both classes' images would count as the one class, and half of the wrong answers as right.
+    checkpoint = tmp_path / 'tampered.pth.tar'
+    write_checkpoint(checkpoint, class_to_idx={'cat': 1, 'dog': 1, 'fox': 2})
+    data = make_image_folder(tmp_path / 'data', classes=('cat', 'dog', 'fox'), per_class=1, splits=('val',))
+    assert validate.main([str(data), '--checkpoint', str(checkpoint), '-j', '0']) == 1
+    out = capsys.readouterr().out
+    assert f"Stopped: the class_to_idx of {checkpoint} is not a class map: classes 'cat', 'dog' share label 1" in out
+    assert 'Traceback' not in out
+
+
+def test_an_input_size_with_other_channels_than_the_model_takes_is_one_line(tmp_path, capsys):
+    checkpoint = tmp_path / 'rgb.pth.tar'
+    write_checkpoint(checkpoint)
+    data = make_image_folder(tmp_path / 'data', classes=tuple(CLASS_TO_IDX), per_class=1, splits=('val',))
+    assert validate.main([str(data), '--checkpoint', str(checkpoint), '-j', '0', '--input-size', '1', '32', '32']) == 1
+    out = capsys.readouterr().out
+    assert ('Stopped: the input has 1 channels (--input-size), but the model takes 3; give --input-size 3 H W, or '
+            'leave it out.') in out and 'Traceback' not in out

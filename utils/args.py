@@ -23,8 +23,8 @@ from models.checkpoint import WEIGHT_SOURCE_ARGS, atomic_file, recorded_model_kw
 from .config import ConfigurableParser, read_config
 from .errors import CheckpointError
 from .option_checks import (
-    at_least, bad_image_limit, folder_name, model_name_problem, non_negative, positive, probability, smoothing,
-    thread_count, worker_count,
+    at_least, bad_image_limit, crop_fraction, finite, folder_name, model_name_problem, non_negative,
+    normalisation_std, positive, probability, seed_number, smoothing, thread_count, worker_count,
 )
 from .run_checkpoints import read_resumable
 from .weights_choice import resolve_best_from_ema
@@ -135,11 +135,11 @@ def add_input_options(parser):
     parser.add_argument('--img-size', type=at_least(1), default=None, help='input image size')
     parser.add_argument('--input-size', type=at_least(1), nargs=3, default=None, metavar=('C', 'H', 'W'),
                         help='input size')
-    parser.add_argument('--crop-pct', type=positive, default=None, help='center-crop fraction')
+    parser.add_argument('--crop-pct', type=crop_fraction, default=None, help='center-crop fraction')
     parser.add_argument('--crop-mode', default=None, choices=CROP_MODES, help='how the image is fit to the crop')
     parser.add_argument('--interpolation', default=None, choices=INTERPOLATIONS, help='resize interpolation')
-    parser.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean')
-    parser.add_argument('--std', type=positive, nargs='+', default=None, help='normalisation std')
+    parser.add_argument('--mean', type=finite, nargs='+', default=None, help='normalisation mean')
+    parser.add_argument('--std', type=normalisation_std, nargs='+', default=None, help='normalisation std')
 
 
 def add_amp_options(parser):
@@ -226,9 +226,11 @@ def train_parser() -> argparse.ArgumentParser:
     group.add_argument('--img-size', type=at_least(1), default=None, help='image size (model and data)')
     group.add_argument('--input-size', type=at_least(1), nargs=3, default=None, metavar=('C', 'H', 'W'),
                        help='input size of the data, overriding --img-size')
-    group.add_argument('--crop-pct', type=positive, default=None, help='eval center-crop fraction (default: model cfg)')
-    group.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean (default: model cfg)')
-    group.add_argument('--std', type=positive, nargs='+', default=None, help='normalisation std (default: model cfg)')
+    group.add_argument('--crop-pct', type=crop_fraction, default=None,
+                       help='eval center-crop fraction (default: model cfg)')
+    group.add_argument('--mean', type=finite, nargs='+', default=None, help='normalisation mean (default: model cfg)')
+    group.add_argument('--std', type=normalisation_std, nargs='+', default=None,
+                       help='normalisation std (default: model cfg)')
     group.add_argument('--interpolation', default='', help='eval resize interpolation (default: model cfg)')
     group.add_argument('--drop', type=probability, default=0.02333, help='dropout rate')
     group.add_argument('--drop-path', type=probability, default=0.1, help='stochastic depth rate')
@@ -295,7 +297,8 @@ def train_parser() -> argparse.ArgumentParser:
                        help="RandAugment ('rand-...') or AutoAugment ('original', 'v0', ...) policy; '' for none")
     group.add_argument('--train-interpolation', default='random', help='training resize interpolation')
     group.add_argument('--reprob', type=probability, default=0., help='random erasing probability')
-    group.add_argument('--remode', default='pixel', help='random erasing fill: const, rand or pixel')
+    group.add_argument('--remode', default='pixel', type=str.lower, choices=('const', 'rand', 'pixel'),
+                       help='random erasing fill')
     group.add_argument('--recount', type=int, default=1, help='random erasing regions')
     group.add_argument('--mixup', type=non_negative, default=0.5, help='mixup alpha (0: off)')
     group.add_argument('--cutmix', type=non_negative, default=1.0, help='cutmix alpha (0: off)')
@@ -335,7 +338,7 @@ def train_parser() -> argparse.ArgumentParser:
                             'and torchrun (distributed_train.sh) set')
     group.add_argument('--dist-backend', default=None,
                        help='torch.distributed backend (default: nccl on GPUs, gloo on CPU)')
-    group.add_argument('--seed', type=int, default=42, help='random seed (offset by the rank)')
+    group.add_argument('--seed', type=seed_number, default=42, help='random seed (offset by the rank)')
     group.add_argument('--log-interval', type=at_least(1), default=50,
                        help='batches between progress lines and, with several processes, between counts of '
                             'unreadable images over all of them')
@@ -418,6 +421,9 @@ def check_train_options(parser: argparse.ArgumentParser, args: argparse.Namespac
                      f'files; to start from other weights, pass their file as --initial-checkpoint FILE.')
     check_opt_betas(parser, args)
     check_torchcompile(parser, args)
+    if args.cutmix_minmax is not None and args.cutmix_minmax[0] >= args.cutmix_minmax[1]:
+        parser.error(f'--cutmix-minmax {args.cutmix_minmax[0]:g} {args.cutmix_minmax[1]:g}: give the smaller box '
+                     f'ratio first, e.g. --cutmix-minmax 0.2 0.8.')
     mixing = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     if mixing and args.batch_size % 2:
         parser.error(f'mixup/cutmix mix each batch with its mirror, so -b/--batch-size must be even, '

@@ -356,6 +356,9 @@ def reported_as(task: Task):
     except BenchmarkError as error:
         raise BenchmarkError(f'{task.label}: {error}') from error
     except Exception as error:
+        if isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error):
+            raise BenchmarkError(f'{task.label}: out of memory ({str(error).splitlines()[0] if str(error) else ""}); '
+                                 f'try --no-interleave (one model at a time) or a smaller --batch-size') from error
         raise BenchmarkError(f'{task.label}: {type(error).__name__}: {error}') from error
 
 

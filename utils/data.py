@@ -260,7 +260,7 @@ def num_classes_of(dataset: Dataset) -> int:
 
 def wanted_class_map(class_map_file: str, checkpoint: LoadedCheckpoint) -> Tuple[Optional[Dict[str, int]], str]:
     """(class name -> label, where it came from): timm's class map in `class_map_file`, else the `class_to_idx`
-    the checkpoint stores, else (None, ''). A map whose labels are not whole numbers from 0 is refused."""
+    the checkpoint stores, else (None, ''). A map whose labels are not distinct whole numbers from 0 is refused."""
     if class_map_file:
         try:
             class_map, source = load_class_map(class_map_file), f'--class-map {class_map_file}'
@@ -277,6 +277,12 @@ def wanted_class_map(class_map_file: str, checkpoint: LoadedCheckpoint) -> Tuple
         raise DataError(f'{source} is not a class map: its labels must be whole numbers from 0, not {wrong[0]!r}. '
                         f'Give the class map of the training data as --class-map FILE (one class name a line, in '
                         f'label order).')
+    shared = sorted(label for label in set(class_map.values()) if list(class_map.values()).count(label) > 1)
+    if shared:
+        names = [name for name, label in class_map.items() if label == shared[0]]
+        raise DataError(f'{source} is not a class map: classes {", ".join(map(repr, names))} share label {shared[0]}, '
+                        f'so their images would all count as that one class. Give the class map of the training '
+                        f'data as --class-map FILE (one class name a line, in label order).')
     return dict(class_map), source
 
 
@@ -339,11 +345,28 @@ def resolve_input_config(options: dict, model: torch.nn.Module) -> dict:
         in_chans = options.get('in_chans') or model.pretrained_cfg.get('input_size', (3,))[0]
         options['input_size'] = (in_chans, *to_2tuple(model.img_size))
     config = resolve_data_config(options, model=model)
+    channels = config['input_size'][0]
+    check_input_channels(channels, model)
     # A model's mean and std are its pretrained cfg's, for RGB: for other input, their average (as timm's
     # prefetcher takes it, with a warning), in the workers' normalisation too.
-    channels = config['input_size'][0]
     config.update(mean=adapt_to_chs(config['mean'], channels), std=adapt_to_chs(config['std'], channels))
     return config
+
+
+def check_input_channels(channels: int, model: torch.nn.Module):
+    takes = first_conv_channels(model)
+    if takes is not None and channels != takes:
+        raise OptionError(f'the input has {channels} channels (--input-size), but the model takes {takes}; give '
+                          f'--input-size {takes} H W, or leave it out.')
+
+
+def first_conv_channels(model: torch.nn.Module) -> Optional[int]:
+    """The channels the model's first convolution takes, as its pretrained cfg names it; None if unknown."""
+    name = getattr(model, 'pretrained_cfg', {}).get('first_conv')
+    try:
+        return model.get_submodule(name).in_channels if isinstance(name, str) else None
+    except AttributeError:
+        return None
 
 
 # How images are read for an input of 1 or 3 channels, as timm's input_img_mode: grey (luma) or RGB.

@@ -15,6 +15,9 @@ import timm
 import models  # noqa: F401  (registers this project's models with timm)
 
 
+FINITE = 'a finite number'
+
+
 class Number:
     """An argparse type: a finite number of `kind` (int or float) that `accept` holds for, described by `rule`
     ('0 or more') in the error; `note` says what a boundary value means ('0 keeps none')."""
@@ -28,7 +31,7 @@ class Number:
         finite = math.isfinite(value)
         if not (finite and self.accept(value)):
             raise argparse.ArgumentTypeError(
-                f'must be {"" if finite else "a finite number, "}{self.rule}, not {text}'
+                f'must be {"" if finite or self.rule == FINITE else FINITE + ", "}{self.rule}, not {text}'
                 + (f'; {self.note}' if self.note else ''))
         return value
 
@@ -41,6 +44,11 @@ non_negative = at_least(0, float)
 positive = Number(float, 'more than 0', lambda value: value > 0)
 probability = Number(float, 'from 0 to 1', lambda value: 0 <= value <= 1)
 smoothing = Number(float, 'from 0 to below 1', lambda value: 0 <= value < 1)  # 1 would leave no label
+finite = Number(float, FINITE, lambda value: True)
+# Normalisation divides by the std: below 1e-3 it would blow pixels up a thousandfold and more.
+normalisation_std = Number(float, '0.001 or more', lambda value: value >= 1e-3, 'the image is divided by it')
+crop_fraction = Number(float, 'more than 0 and at most 1', lambda value: 0 < value <= 1)
+seed_number = Number(int, 'from 0 to 2**32 - 1', lambda value: 0 <= value < 2 ** 32)
 # The options several scripts share, with what their boundary value means.
 worker_count = at_least(0, note='0 loads the data in the main process')
 thread_count = at_least(0, note="0 uses torch's default")
