@@ -110,8 +110,9 @@ def _load_safetensors_file(path: str) -> dict:
         ) from None
     try:
         data = json.loads(metadata.get(SAFETENSORS_DATA_KEY, '{}'))
-    except ValueError as e:
-        raise CheckpointError(f'{path!r}: the {SAFETENSORS_DATA_KEY!r} entry of its metadata is not JSON ({e}); '
+    except (ValueError, RecursionError) as e:
+        reason = 'nested too deeply to read' if isinstance(e, RecursionError) else f'not JSON ({e})'
+        raise CheckpointError(f'{path!r}: the {SAFETENSORS_DATA_KEY!r} entry of its metadata is {reason}; '
                               f'the file was altered. Use the original file.') from None
     if not isinstance(data, dict):
         raise CheckpointError(f'{path!r}: the {SAFETENSORS_DATA_KEY!r} entry of its metadata is not a JSON object; '

@@ -89,6 +89,10 @@ def test_damaged_or_altered_safetensors_files_are_named(tmp_path):
     (tmp_path / 'bad.safetensors').write_bytes(safetensors.torch.save(state_dict, metadata={'checkpoint': '{oops'}))
     with pytest.raises(CheckpointError, match='is not JSON'):
         models.load_checkpoint_file(str(tmp_path / 'bad.safetensors'))
+    deep = '{"args":' + '[' * 100000 + ']' * 100000 + '}'
+    (tmp_path / 'deep.safetensors').write_bytes(safetensors.torch.save(state_dict, metadata={'checkpoint': deep}))
+    with pytest.raises(CheckpointError, match='deep.safetensors.*nested too deeply to read; the file was altered'):
+        models.load_checkpoint_file(str(tmp_path / 'deep.safetensors'))
     # Plain data cannot pose as weights: only the file's tensors are.
     claim = json.dumps({'state_dict_ema': {'w': [0, 0, 0, 0]}, 'model_name': 'posmlp_t'})
     (tmp_path / 'claim.safetensors').write_bytes(safetensors.torch.save(state_dict, metadata={'checkpoint': claim}))
