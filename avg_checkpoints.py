@@ -25,7 +25,7 @@ import utils.offline  # noqa: F401  (first: the hub client reads its switches wh
 import models
 from utils.args import DefaultsHelpFormatter
 from utils.distributed import run_script
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, OutputError
 from utils.outputs import setup_logging
 from utils.option_checks import at_least
 from utils.weights_choice import add_weights_choice
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     parser = avg_parser()
     args = parser.parse_args(argv)
     setup_logging(None, True)
-    return run_script(average_checkpoints, args, (CheckpointError,), _logger)
+    return run_script(average_checkpoints, args, (CheckpointError, OutputError), _logger)
 
 
 if __name__ == '__main__':

@@ -1,6 +1,8 @@
 """Weights files: the loader's safetensors reading and writing, clean_checkpoint.py and avg_checkpoints.py."""
+import errno
 import hashlib
 import json
+import os
 import shutil
 
 import pytest
@@ -217,3 +219,44 @@ def test_avg_refuses_mixed_weights_other_models_and_missing_files(tmp_path, caps
     assert avg_checkpoints.main(['--input', str(tmp_path / 'none'), '--output', str(tmp_path / 'a.pth')]) == 1
     assert 'no checkpoints match' in capsys.readouterr().out
     assert not (tmp_path / 'a.pth').exists()
+
+
+# --- Weights files that cannot be written -----------------------------------------------------------------
+
+def failing_writes(monkeypatch, folder, code):
+    """Files under `folder` cannot be made (`code` EROFS/EACCES) or, for ENOSPC, not finished: the disk is full."""
+    if code == errno.ENOSPC:
+        def fsync(fd):
+            raise OSError(code, os.strerror(code))
+        monkeypatch.setattr(os, 'fsync', fsync)
+        return
+    real_open = os.open
+
+    def refusing_open(path, *args, **kwargs):
+        if str(path).startswith(str(folder)):
+            raise OSError(code, os.strerror(code), path)
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(os, 'open', refusing_open)
+
+
+@pytest.mark.parametrize('code, fix', [(errno.ENOSPC, 'free space on that disk, or point --output at another'),
+                                       (errno.EROFS, 'that file system is read-only: point --output at'),
+                                       (errno.EACCES, 'you may not write there: point --output at')])
+@pytest.mark.parametrize('tool', ['clean', 'avg'])
+def test_a_weights_file_that_cannot_be_written_is_one_line_naming_it(tmp_path, capsys, monkeypatch, tool, code,
+                                                                      fix):
+    write_run(tmp_path / 'run', [1.])
+    out = tmp_path / 'out'
+    out.mkdir()
+    target = out / 'w.pth'
+    failing_writes(monkeypatch, out, code)
+    if tool == 'clean':
+        argv = ['--checkpoint', str(tmp_path / 'run' / 'last.pth.tar'), '--no-hash', '--output', str(target)]
+        assert clean_checkpoint.main(argv) == 1
+    else:
+        assert avg_checkpoints.main(['--input', str(tmp_path / 'run'), '--output', str(target)]) == 1
+    out_text = capsys.readouterr().out
+    stopped = [line for line in out_text.splitlines() if 'Stopped:' in line]
+    assert len(stopped) == 1 and 'Traceback' not in out_text, out_text
+    assert f'cannot write {target}: {os.strerror(code)}; {fix}' in stopped[0] and '.partial-' not in stopped[0]
+    assert list(out.iterdir()) == []
