@@ -143,7 +143,7 @@ def _safetensors_bytes(obj: dict) -> bytes:
 TEMPORARY_PREFIX = '.tmp-'
 
 
-def _os_error_behind(error: BaseException) -> Optional[OSError]:
+def os_error_behind(error: BaseException) -> Optional[OSError]:
     """The OSError that caused `error`: torch.save reports a failed write (a full disk) as a RuntimeError
     raised while handling it."""
     while error is not None and not isinstance(error, OSError):
@@ -177,7 +177,7 @@ def atomic_file(path: str, mode: str = 'wb', **open_kwargs):
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        cause = _os_error_behind(e)
+        cause = os_error_behind(e)
         if cause is None:
             raise
         raise OSError(cause.errno, cause.strerror, path if cause.filename in (None, tmp) else cause.filename) from None
