@@ -260,3 +260,26 @@ def test_a_weights_file_that_cannot_be_written_is_one_line_naming_it(tmp_path, c
     assert len(stopped) == 1 and 'Traceback' not in out_text, out_text
     assert f'cannot write {target}: {os.strerror(code)}; {fix}' in stopped[0] and '.partial-' not in stopped[0]
     assert list(out.iterdir()) == []
+
+
+def test_avg_counts_files_as_copies_only_when_their_weights_are_the_same(tmp_path, capsys):
+    folder = tmp_path / 'mix'
+    folder.mkdir()
+    write_checkpoint(folder / 'a.pth.tar', epoch=0, metric=50.0, seed=1)
+    write_checkpoint(folder / 'b.pth.tar', epoch=0, metric=50.0, seed=2)
+    shutil.copy(folder / 'a.pth.tar', folder / 'c.pth.tar')
+    assert avg_checkpoints.main(['--input', str(folder), '--output', str(tmp_path / 'avg.pth')]) == 0
+    assert f'Left out {folder / "c.pth.tar"}: a copy of {folder / "a.pth.tar"}' in capsys.readouterr().out
+    averaged = models.load_checkpoint_file(str(tmp_path / 'avg.pth'))['averaged_from']
+    assert sorted(s['file'] for s in averaged) == ['a.pth.tar', 'b.pth.tar']
+
+
+def test_avg_refuses_checkpoints_with_other_class_maps(tmp_path, capsys):
+    folder = tmp_path / 'mix'
+    folder.mkdir()
+    write_checkpoint(folder / 'a.pth.tar', epoch=0, metric=50.0)
+    write_checkpoint(folder / 'b.pth.tar', epoch=1, metric=40.0, class_to_idx={'ant': 0, 'bee': 1, 'cow': 2})
+    assert avg_checkpoints.main(['--input', str(folder), '--output', str(tmp_path / 'avg.pth')]) == 1
+    out = capsys.readouterr().out
+    assert f'{folder / "b.pth.tar"} and {folder / "a.pth.tar"} map class names to other labels' in out
+    assert not (tmp_path / 'avg.pth').exists()
