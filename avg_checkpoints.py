@@ -22,10 +22,12 @@ from typing import List, Optional
 
 import utils.offline  # noqa: F401  (first: the hub client reads its switches when timm imports it)
 
+import torch
+
 import models
 from utils.args import DefaultsHelpFormatter
 from utils.distributed import run_script
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, OutputError
 from utils.outputs import setup_logging
 from utils.option_checks import at_least
 from utils.weights_choice import add_weights_choice
@@ -71,18 +73,26 @@ def read_candidate(path: str) -> Candidate:
     return Candidate(path, checkpoint.get('epoch'), checkpoint.get('metric'), options.get('eval_metric') or 'top1')
 
 
-def without_repeats(candidates: List[Candidate]) -> List[Candidate]:
-    """One file per epoch of a run: model_best and last are copies of an epoch's checkpoint in the same folder."""
+def same_weights(path: str, other: str, use_ema: Optional[bool]) -> bool:
+    first, second = (models.read_checkpoint(p, use_ema=use_ema).state_dict for p in (path, other))
+    return first.keys() == second.keys() and all(torch.equal(v, second[k]) for k, v in first.items())
+
+
+def without_repeats(candidates: List[Candidate], use_ema: Optional[bool]) -> List[Candidate]:
+    """One file per epoch of a run: model_best and last are copies of an epoch's checkpoint in the same folder.
+    Files of one folder with the same epoch and metric are copies only when their weights are the same (two runs
+    may well both reach 50% at epoch 0)."""
     kept, seen = [], {}
     for candidate in candidates:
         if candidate.epoch is None:
             kept.append(candidate)
             continue
         key = (os.path.realpath(os.path.dirname(candidate.path)), candidate.epoch, candidate.metric)
-        if key in seen:
-            _logger.info(f'Left out {candidate.path}: epoch {candidate.epoch} of the same run as {seen[key]}.')
+        original = next((p for p in seen.get(key, []) if same_weights(candidate.path, p, use_ema)), None)
+        if original:
+            _logger.info(f'Left out {candidate.path}: a copy of {original} (epoch {candidate.epoch}).')
             continue
-        seen[key] = candidate.path
+        seen.setdefault(key, []).append(candidate.path)
         kept.append(candidate)
     return kept
 
@@ -115,6 +125,9 @@ def average(paths: List[str], use_ema: Optional[bool]) -> tuple:
         if loaded.model_name != first.model_name:
             raise CheckpointError(f'{path} is a {loaded.model_name} checkpoint but {first.path} a {first.model_name}: '
                                   f'only checkpoints of one model can be averaged; narrow --input/--filter to one run.')
+        if loaded.class_to_idx != first.class_to_idx:
+            raise CheckpointError(f'{path} and {first.path} map class names to other labels (their class_to_idx '
+                                  f'differ), so they were trained on other data; narrow --input/--filter to one run.')
         if loaded.weights != first.weights:
             raise CheckpointError(
                 f'{path} gives its {loaded.weights} but {first.path} its {first.weights}: some checkpoints have '
@@ -146,7 +159,7 @@ def average_checkpoints(args) -> str:
     matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not matches:
         raise CheckpointError(f'no checkpoints match {pattern}; check --input and --filter.')
-    candidates = without_repeats([read_candidate(p) for p in matches])
+    candidates = without_repeats([read_candidate(p) for p in matches], args.use_ema)
     selected = candidates if args.no_sort else best_candidates(candidates, args.n)
     if not selected:
         raise CheckpointError(f'none of the {len(candidates)} checkpoints matching {pattern} can be ranked; '
@@ -166,7 +179,7 @@ def main(argv=None) -> int:
     parser = avg_parser()
     args = parser.parse_args(argv)
     setup_logging(None, True)
-    return run_script(average_checkpoints, args, (CheckpointError,), _logger)
+    return run_script(average_checkpoints, args, (CheckpointError, OutputError), _logger)
 
 
 if __name__ == '__main__':

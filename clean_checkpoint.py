@@ -19,7 +19,7 @@ import utils.offline  # noqa: F401  (first: the hub client reads its switches wh
 import models
 from utils.args import DefaultsHelpFormatter
 from utils.distributed import run_script
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, OutputError
 from utils.outputs import setup_logging
 from utils.weights_choice import add_weights_choice
 from utils.weights_files import loading_hint, output_suffix, split_suffix, weights_content, write_weights_file
@@ -75,7 +75,7 @@ def clean(args) -> str:
 def main(argv=None) -> int:
     args = clean_parser().parse_args(argv)
     setup_logging(None, True)
-    return run_script(clean, args, (CheckpointError,), _logger)
+    return run_script(clean, args, (CheckpointError, OutputError), _logger)
 
 
 if __name__ == '__main__':

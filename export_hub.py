@@ -11,14 +11,17 @@ run's summary.csv beside it) and the run's options as `args.yaml`. Load it with
 the checkpoint has them (--no-use-ema for the live ones).
 """
 import argparse
+import contextlib
 import json
 import logging
 import os
+import re
 import sys
 from typing import List, Optional
 
 import utils.offline  # noqa: F401  (first: the hub client reads its switches when timm imports it)
 
+import safetensors
 import yaml
 from timm.models import get_pretrained_cfg, save_for_hf
 
@@ -27,8 +30,8 @@ from models import LoadedCheckpoint
 from utils.args import DefaultsHelpFormatter
 from utils.data import validation_folder_label
 from utils.distributed import run_script
-from utils.errors import CheckpointError
-from utils.outputs import ARGS_FILE, SUMMARY_FILE, atomic_folder, read_summary_rows, setup_logging
+from utils.errors import CheckpointError, OutputError
+from utils.outputs import ARGS_FILE, SUMMARY_FILE, atomic_folder, output_error, read_summary_rows, setup_logging
 from utils.weights_choice import add_weights_choice, is_ema
 
 _logger = logging.getLogger('export_hub')
@@ -175,14 +178,29 @@ def write_folder(folder: str, loaded: LoadedCheckpoint, model, output: str):
             yaml.safe_dump(plain(loaded.args), f, sort_keys=False)
 
 
+@contextlib.contextmanager
+def written_as(output: str):
+    """An export that cannot be written is an OutputError naming `output` (not the hidden folder it is made in)
+    and the fix; safetensors reports its file-system errors as SafetensorError, with the OS's code in its text."""
+    try:
+        yield
+    except OSError as e:
+        raise output_error(OSError(e.errno, e.strerror), output) from None
+    except safetensors.SafetensorError as e:
+        code = re.search(r'code: (\d+)', str(e))
+        cause = OSError(int(code.group(1)), os.strerror(int(code.group(1)))) if code else OSError(None, str(e))
+        raise output_error(cause, output) from None
+
+
 def export(args) -> str:
     output = os.path.normpath(args.output)
     if os.path.lexists(output):
         raise CheckpointError(f'{output} already exists; choose a new --output folder (nothing is overwritten).')
     loaded = models.read_checkpoint(args.checkpoint, use_ema=args.use_ema)
     model = models.create_model_from_checkpoint(loaded).eval()
-    with atomic_folder(output) as partial:  # a crash leaves no half-written export
-        write_folder(partial, loaded, model, output)
+    with written_as(output):
+        with atomic_folder(output) as partial:  # a crash leaves no half-written export
+            write_folder(partial, loaded, model, output)
     _logger.info(f'Exported the {loaded.weights} of {args.checkpoint} to {output}/ (config.json, model.safetensors, '
                  f'README.md{", " + ARGS_FILE if loaded.args else ""}).')
     _logger.info(f"Load it with timm.create_model('local-dir:{output}', pretrained=True) after `import models`.")
@@ -192,7 +210,7 @@ def export(args) -> str:
 def main(argv=None) -> int:
     args = export_parser().parse_args(argv)
     setup_logging(None, True)
-    return run_script(export, args, (CheckpointError, OSError), _logger)
+    return run_script(export, args, (CheckpointError, OutputError), _logger)
 
 
 if __name__ == '__main__':

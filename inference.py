@@ -34,11 +34,11 @@ from utils.args import (
 from utils.data import given_input_options, resolve_input_config, unreadable_count, wanted_class_map
 from utils.distributed import device_problem, init_runtime, run_script
 from utils.engine import check_input_size
-from utils.errors import CheckpointError, DataError, OptionError
+from utils.errors import CheckpointError, DataError, OptionError, OutputError
 from utils.image_list import image_list_dataset
 from utils.loaders import build_eval_loader, loader_options
 from utils.option_checks import at_least, thread_count
-from utils.outputs import setup_logging, write_atomically
+from utils.outputs import setup_logging, write_atomically, writing
 from utils.results import TABLE_FORMATS, csv_text, results_format, write_parquet
 from utils.weights_choice import add_weights_choice
 
@@ -204,10 +204,11 @@ def write_predictions(columns: dict, base: str, formats: List[str]) -> List[str]
     written = []
     for fmt in formats:
         path = f'{base}.{fmt}'
-        if fmt == 'parquet':
-            write_parquet(path, columns)
-        else:
-            write_atomically(path, csv_text(wide_rows(columns)) if fmt == 'csv' else json_text(columns) + '\n')
+        with writing(path, '--results-dir'):
+            if fmt == 'parquet':
+                write_parquet(path, columns)
+            else:
+                write_atomically(path, csv_text(wide_rows(columns)) if fmt == 'csv' else json_text(columns) + '\n')
         written.append(path)
     return written
 
@@ -268,7 +269,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     check_options(parser, args)
     setup_logging(None, True)
-    return run_script(infer, args, (DataError, CheckpointError, OptionError), _logger)
+    return run_script(infer, args, (DataError, CheckpointError, OptionError, OutputError), _logger)
 
 
 if __name__ == '__main__':

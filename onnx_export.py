@@ -26,14 +26,17 @@ import tempfile
 import timm
 import torch
 from timm.utils import reparameterize_model
+from torch.onnx._constants import ONNX_MAX_OPSET, ONNX_MIN_OPSET, ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+from torch.onnx._internal.exporter._constants import TORCHLIB_OPSET
 
 import models
+from models.checkpoint import os_error_behind
 from utils.args import DefaultsHelpFormatter, ModelKwargs
 from utils.data import given_input_options, resolve_input_config
 from utils.distributed import run_script
-from utils.errors import CheckpointError, OptionError
+from utils.errors import CheckpointError, OptionError, OutputError
 from utils.option_checks import at_least, model_name_problem
-from utils.outputs import setup_logging
+from utils.outputs import output_error, setup_logging
 from utils.weights_choice import add_weights_choice
 
 _logger = logging.getLogger('onnx_export')
@@ -41,6 +44,9 @@ _logger = logging.getLogger('onnx_export')
 # What torch.onnx.export uses when not told (True, the torch.export based exporter, since torch 2.9).
 DYNAMO_DEFAULT = inspect.signature(torch.onnx.export).parameters['dynamo'].default is True
 EXPORT_PACKAGES = ('onnx', 'onnxruntime', 'onnxscript')
+# The opsets each exporter writes, by --dynamo: torch.export's operators start at TORCHLIB_OPSET (asked for less,
+# it exports that and tries onnx's version converter, which fails on this model's ops); TorchScript's end earlier.
+OPSETS = {True: (TORCHLIB_OPSET, ONNX_MAX_OPSET), False: (ONNX_MIN_OPSET, ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)}
 # Loggers of the dynamo exporter's graph optimizer, which reports each rewrite at INFO.
 EXPORTER_LOGGERS = ('onnxscript', 'onnx_ir')
 
@@ -127,8 +133,8 @@ def run_exporter(args, model, example: torch.Tensor, path: str):
         onnx_export(model, path, example_input=example, opset=args.opset, dynamic_size=args.dynamic_size,
                     use_dynamo=args.dynamo, verbose=args.verbose, check=True, check_forward=False)
     except Exception as e:
-        if args.verbose:
-            raise
+        if args.verbose or os_error_behind(e) is not None:
+            raise  # an OSError is the output's problem, not the exporter's (see export)
         exporter, other = ('torch.export (dynamo)', '--no-dynamo') if args.dynamo else ('TorchScript', '--dynamo')
         reason = (str(e).strip().splitlines() or [''])[0]
         raise OptionError(f'the {exporter} exporter failed on {model.pretrained_cfg["architecture"]}: '
@@ -144,9 +150,22 @@ def export(args):
     if args.reparam:
         model = reparameterize_model(model, inplace=True)
     example = example_input(args, model)
+    try:
+        write_export(args, model, example, output)
+    except Exception as e:
+        cause = os_error_behind(e)
+        if cause is None:
+            raise
+        raise output_error(OSError(cause.errno, cause.strerror), args.output, 'ONNX_FILE') from None
+    exporter = 'torch.export (dynamo)' if args.dynamo else 'TorchScript'
+    _logger.info(f'Exported {model.pretrained_cfg["architecture"]} to {args.output} ({exporter} exporter, input '
+                 f'{tuple(example.shape[1:])}, batch{" and size" if args.dynamic_size else ""} dynamic).')
+
+
+def write_export(args, model, example: torch.Tensor, output: str):
+    """Export to `output` (and check it), through a hidden folder beside it, then moved: a failed export leaves
+    nothing (the weights of a model over 2 GB go to a .data file that the graph names, which moves with it)."""
     os.makedirs(os.path.dirname(output), exist_ok=True)
-    # Written in a hidden folder beside, then moved: a failed export leaves nothing (the weights of a model
-    # over 2 GB go to a .data file that the graph names, which moves with it).
     partial = tempfile.mkdtemp(prefix='.partial-onnx-', dir=os.path.dirname(output))
     try:
         path = os.path.join(partial, os.path.basename(output))
@@ -157,9 +176,6 @@ def export(args):
             os.replace(os.path.join(partial, name), os.path.join(os.path.dirname(output), name))
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    exporter = 'torch.export (dynamo)' if args.dynamo else 'TorchScript'
-    _logger.info(f'Exported {model.pretrained_cfg["architecture"]} to {args.output} ({exporter} exporter, input '
-                 f'{tuple(example.shape[1:])}, batch{" and size" if args.dynamic_size else ""} dynamic).')
 
 
 def check_options(parser, args):
@@ -169,6 +185,13 @@ def check_options(parser, args):
                      f'(requirements-dev.txt has them).')
     if not args.checkpoint and not args.model:
         parser.error('give --checkpoint (its model is exported) or --model (exported with random weights).')
+    if args.opset is not None:
+        low, high = OPSETS[args.dynamo]
+        if not low <= args.opset <= high:
+            other_low, other_high = OPSETS[not args.dynamo]
+            parser.error(f'--opset {args.opset}: the {"torch.export" if args.dynamo else "TorchScript"} exporter '
+                         f'writes opsets {low} to {high}; pass one of those, or '
+                         f'{"--no-dynamo" if args.dynamo else "--dynamo"} for opsets {other_low} to {other_high}.')
     problem = model_name_problem(args.model) if args.model else None
     if problem:
         parser.error(f'--model {args.model}: {problem}')
@@ -184,7 +207,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     check_options(parser, args)
     setup_logging(None, True)
-    return run_script(export, args, (CheckpointError, OptionError), _logger)
+    return run_script(export, args, (CheckpointError, OptionError, OutputError), _logger)
 
 
 if __name__ == '__main__':

@@ -110,8 +110,9 @@ def _load_safetensors_file(path: str) -> dict:
         ) from None
     try:
         data = json.loads(metadata.get(SAFETENSORS_DATA_KEY, '{}'))
-    except ValueError as e:
-        raise CheckpointError(f'{path!r}: the {SAFETENSORS_DATA_KEY!r} entry of its metadata is not JSON ({e}); '
+    except (ValueError, RecursionError) as e:
+        reason = 'nested too deeply to read' if isinstance(e, RecursionError) else f'not JSON ({e})'
+        raise CheckpointError(f'{path!r}: the {SAFETENSORS_DATA_KEY!r} entry of its metadata is {reason}; '
                               f'the file was altered. Use the original file.') from None
     if not isinstance(data, dict):
         raise CheckpointError(f'{path!r}: the {SAFETENSORS_DATA_KEY!r} entry of its metadata is not a JSON object; '
@@ -142,7 +143,7 @@ def _safetensors_bytes(obj: dict) -> bytes:
 TEMPORARY_PREFIX = '.tmp-'
 
 
-def _os_error_behind(error: BaseException) -> Optional[OSError]:
+def os_error_behind(error: BaseException) -> Optional[OSError]:
     """The OSError that caused `error`: torch.save reports a failed write (a full disk) as a RuntimeError
     raised while handling it."""
     while error is not None and not isinstance(error, OSError):
@@ -176,7 +177,7 @@ def atomic_file(path: str, mode: str = 'wb', **open_kwargs):
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        cause = _os_error_behind(e)
+        cause = os_error_behind(e)
         if cause is None:
             raise
         raise OSError(cause.errno, cause.strerror, path if cause.filename in (None, tmp) else cause.filename) from None
@@ -550,7 +551,8 @@ def create_model_from_checkpoint(
     model_kwargs['pretrained_cfg_overlay'] = dict(recorded, **model_kwargs.get('pretrained_cfg_overlay') or {})
     features_only = model_kwargs.pop('features_only', False)
     feature_kwargs = {k: model_kwargs.pop(k) for k in FEATURE_ARGS if k in model_kwargs}
-    model = timm.create_model(model_name, **model_kwargs)
+    origin = _model_origin(checkpoint.path, model_name != described_name, kwargs)
+    model = _build_model(model_name, model_kwargs, origin)
     load_weights(model, checkpoint.state_dict, f'{checkpoint.path} ({checkpoint.weights})', finetune, hint)
     _logger.info(f'Loaded {checkpoint.weights} weights of {checkpoint.path} into {model_name}.')
     if features_only:
@@ -560,10 +562,35 @@ def create_model_from_checkpoint(
         overlay = {k: v for k, v in model_kwargs['pretrained_cfg_overlay'].items() if k not in WEIGHT_LOCATIONS}
         overlay.update(state_dict=body, num_classes=0)
         cfg = model.pretrained_cfg
-        model = timm.create_model(model_name, pretrained=True, features_only=True, **feature_kwargs,
-                                  **dict(model_kwargs, num_classes=0, pretrained_cfg_overlay=overlay))
+        model = _build_model(model_name, dict(model_kwargs, num_classes=0, pretrained_cfg_overlay=overlay), origin,
+                             pretrained=True, features_only=True, **feature_kwargs)
         model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(cfg)
     return model
+
+
+def _model_origin(path: str, name_given: bool, given_kwargs: Dict[str, Any]) -> str:
+    """Where the name and arguments of the model to build came from, and the fix, for the error when it cannot
+    be built."""
+    given = ['model_name (--model)'] * name_given + [
+        f'the arguments {", ".join(sorted(given_kwargs))} (--model-kwargs)'] * bool(given_kwargs)
+    if not given:
+        return (f'as {path} records them: the checkpoint was altered or made for another version of the model; '
+                f'pass the model and its arguments (--model, --model-kwargs) yourself')
+    return f'with {" and ".join(given)} given over what {path} records; correct or leave out {" and ".join(given)}'
+
+
+def _build_model(model_name: str, model_kwargs: Dict[str, Any], origin: str, **more) -> nn.Module:
+    """timm.create_model; a model that cannot be built is one line naming it, its arguments and their `origin`
+    (see _model_origin)."""
+    try:
+        return timm.create_model(model_name, **model_kwargs, **more)
+    except (TypeError, ValueError, RuntimeError, MemoryError) as e:
+        shown = {k: v for k, v in model_kwargs.items() if k != 'pretrained_cfg_overlay'}
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+        if isinstance(e, MemoryError) or 'memory' in reason:
+            reason = f'it needs more memory than this machine has: {reason}'
+        raise CheckpointError(f'model {model_name!r} cannot be built with the arguments {shown} ({reason}), '
+                              f'{origin}.') from None
 
 
 def _recorded_data_config(checkpoint: LoadedCheckpoint, model_kwargs: Dict[str, Any], given: Dict[str, Any]) -> dict:

@@ -13,6 +13,7 @@ import torch
 
 from conftest import ROOT, TINY_KWARGS, make_image_folder
 
+import inference
 import models
 import train
 import validate
@@ -184,3 +185,38 @@ def test_a_missing_checkpoint_is_named_on_every_route_the_readme_shows(tmp_path,
     data = make_image_folder(tmp_path / 'data', per_class=1, splits=('val',))
     assert validate.main([str(data), '--checkpoint', missing, '-j', '0']) == 1
     assert f"checkpoint '{missing}' does not exist" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('given, reason, origin', [
+    (['--model-kwargs', 'foo=1'], "unexpected keyword argument 'foo'", 'the arguments foo (--model-kwargs) given'),
+    (['--model-kwargs', "gate='nope'"], "gate='nope' is not one of", 'the arguments gate (--model-kwargs) given'),
+    (['--model', 'posmlp_t.evil_tag'], 'Invalid pretrained tag', 'model_name (--model) given'),
+])
+def test_a_model_the_command_line_cannot_build_is_one_line(tmp_path, capsys, given, reason, origin):
+    checkpoint = save_checkpoint_recording(tmp_path / 'c.pth.tar')
+    data = make_image_folder(tmp_path / 'data', per_class=1, splits=('val',))
+    assert validate.main([str(data), '--checkpoint', str(checkpoint), '-j', '0', *given]) == 1
+    out = capsys.readouterr().out
+    stopped = [line for line in out.splitlines() if 'Stopped:' in line]
+    assert len(stopped) == 1 and 'Traceback' not in out
+    assert reason in stopped[0] and f'{origin} over what {checkpoint} records' in stopped[0]
+
+
+@pytest.mark.parametrize('name, recorded, reason', [
+    ('posmlp_t', dict(foo=1), "unexpected keyword argument 'foo'"),
+    ('vip_s7', {}, "unexpected keyword argument 'depths'"),
+    ('posmlp_t.evil_tag', {}, 'Invalid pretrained tag'),
+    ('posmlp_t', dict(embed_dims=(8, 16, 16, 10 ** 6)), 'it needs more memory than this machine has'),
+])
+def test_a_model_a_checkpoint_records_but_that_cannot_be_built_is_one_line(tmp_path, capsys, name, recorded, reason):
+    path = tmp_path / 'crafted.pth.tar'
+    checkpoint = models.load_checkpoint_file(str(save_checkpoint_recording(path)))
+    models.save_checkpoint_file(dict(checkpoint, model_name=name,
+                                     model_kwargs=dict(checkpoint['model_kwargs'], **recorded)), str(path))
+    images = make_image_folder(tmp_path / 'data', per_class=1, splits=('val',)) / 'val'
+    assert inference.main([str(images), '--checkpoint', str(path), '-j', '0']) == 1
+    out = capsys.readouterr().out
+    stopped = [line for line in out.splitlines() if 'Stopped:' in line]
+    assert len(stopped) == 1 and 'Traceback' not in out
+    assert f"model {name!r} cannot be built" in stopped[0] and reason in stopped[0]
+    assert f'as {path} records them' in stopped[0] and '--model, --model-kwargs' in stopped[0]

@@ -1,6 +1,8 @@
 """Weights files: the loader's safetensors reading and writing, clean_checkpoint.py and avg_checkpoints.py."""
+import errno
 import hashlib
 import json
+import os
 import shutil
 
 import pytest
@@ -89,6 +91,10 @@ def test_damaged_or_altered_safetensors_files_are_named(tmp_path):
     (tmp_path / 'bad.safetensors').write_bytes(safetensors.torch.save(state_dict, metadata={'checkpoint': '{oops'}))
     with pytest.raises(CheckpointError, match='is not JSON'):
         models.load_checkpoint_file(str(tmp_path / 'bad.safetensors'))
+    deep = '{"args":' + '[' * 100000 + ']' * 100000 + '}'
+    (tmp_path / 'deep.safetensors').write_bytes(safetensors.torch.save(state_dict, metadata={'checkpoint': deep}))
+    with pytest.raises(CheckpointError, match='deep.safetensors.*nested too deeply to read; the file was altered'):
+        models.load_checkpoint_file(str(tmp_path / 'deep.safetensors'))
     # Plain data cannot pose as weights: only the file's tensors are.
     claim = json.dumps({'state_dict_ema': {'w': [0, 0, 0, 0]}, 'model_name': 'posmlp_t'})
     (tmp_path / 'claim.safetensors').write_bytes(safetensors.torch.save(state_dict, metadata={'checkpoint': claim}))
@@ -213,3 +219,67 @@ def test_avg_refuses_mixed_weights_other_models_and_missing_files(tmp_path, caps
     assert avg_checkpoints.main(['--input', str(tmp_path / 'none'), '--output', str(tmp_path / 'a.pth')]) == 1
     assert 'no checkpoints match' in capsys.readouterr().out
     assert not (tmp_path / 'a.pth').exists()
+
+
+# --- Weights files that cannot be written -----------------------------------------------------------------
+
+def failing_writes(monkeypatch, folder, code):
+    """Files under `folder` cannot be made (`code` EROFS/EACCES) or, for ENOSPC, not finished: the disk is full."""
+    if code == errno.ENOSPC:
+        def fsync(fd):
+            raise OSError(code, os.strerror(code))
+        monkeypatch.setattr(os, 'fsync', fsync)
+        return
+    real_open = os.open
+
+    def refusing_open(path, *args, **kwargs):
+        if str(path).startswith(str(folder)):
+            raise OSError(code, os.strerror(code), path)
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(os, 'open', refusing_open)
+
+
+@pytest.mark.parametrize('code, fix', [(errno.ENOSPC, 'free space on that disk, or point --output at another'),
+                                       (errno.EROFS, 'that file system is read-only: point --output at'),
+                                       (errno.EACCES, 'you may not write there: point --output at')])
+@pytest.mark.parametrize('tool', ['clean', 'avg'])
+def test_a_weights_file_that_cannot_be_written_is_one_line_naming_it(tmp_path, capsys, monkeypatch, tool, code,
+                                                                      fix):
+    write_run(tmp_path / 'run', [1.])
+    out = tmp_path / 'out'
+    out.mkdir()
+    target = out / 'w.pth'
+    failing_writes(monkeypatch, out, code)
+    if tool == 'clean':
+        argv = ['--checkpoint', str(tmp_path / 'run' / 'last.pth.tar'), '--no-hash', '--output', str(target)]
+        assert clean_checkpoint.main(argv) == 1
+    else:
+        assert avg_checkpoints.main(['--input', str(tmp_path / 'run'), '--output', str(target)]) == 1
+    out_text = capsys.readouterr().out
+    stopped = [line for line in out_text.splitlines() if 'Stopped:' in line]
+    assert len(stopped) == 1 and 'Traceback' not in out_text, out_text
+    assert f'cannot write {target}: {os.strerror(code)}; {fix}' in stopped[0] and '.partial-' not in stopped[0]
+    assert list(out.iterdir()) == []
+
+
+def test_avg_counts_files_as_copies_only_when_their_weights_are_the_same(tmp_path, capsys):
+    folder = tmp_path / 'mix'
+    folder.mkdir()
+    write_checkpoint(folder / 'a.pth.tar', epoch=0, metric=50.0, seed=1)
+    write_checkpoint(folder / 'b.pth.tar', epoch=0, metric=50.0, seed=2)
+    shutil.copy(folder / 'a.pth.tar', folder / 'c.pth.tar')
+    assert avg_checkpoints.main(['--input', str(folder), '--output', str(tmp_path / 'avg.pth')]) == 0
+    assert f'Left out {folder / "c.pth.tar"}: a copy of {folder / "a.pth.tar"}' in capsys.readouterr().out
+    averaged = models.load_checkpoint_file(str(tmp_path / 'avg.pth'))['averaged_from']
+    assert sorted(s['file'] for s in averaged) == ['a.pth.tar', 'b.pth.tar']
+
+
+def test_avg_refuses_checkpoints_with_other_class_maps(tmp_path, capsys):
+    folder = tmp_path / 'mix'
+    folder.mkdir()
+    write_checkpoint(folder / 'a.pth.tar', epoch=0, metric=50.0)
+    write_checkpoint(folder / 'b.pth.tar', epoch=1, metric=40.0, class_to_idx={'ant': 0, 'bee': 1, 'cow': 2})
+    assert avg_checkpoints.main(['--input', str(folder), '--output', str(tmp_path / 'avg.pth')]) == 1
+    out = capsys.readouterr().out
+    assert f'{folder / "b.pth.tar"} and {folder / "a.pth.tar"} map class names to other labels' in out
+    assert not (tmp_path / 'avg.pth').exists()

@@ -1,9 +1,13 @@
 """export_hub.py: a checkpoint to a folder timm loads offline ('local-dir:'), with a model card of its run."""
 import csv
+import errno
 import json
+import os
 import socket
 
 import pytest
+import safetensors
+import safetensors.torch
 import timm
 import torch
 import yaml
@@ -87,3 +91,35 @@ def test_an_existing_folder_is_refused(tmp_path, capsys):
     assert export_hub.main(['--checkpoint', str(tmp_path / 'ckpt.pth.tar'), '--output', str(tmp_path / 'h')]) == 1
     assert 'already exists; choose a new --output folder' in capsys.readouterr().out
     assert list((tmp_path / 'h').iterdir()) == []
+
+
+def test_an_export_that_cannot_be_written_is_one_line_naming_the_folder(tmp_path, capsys, monkeypatch):
+    write_checkpoint(tmp_path / 'ckpt.pth.tar')
+    out = tmp_path / 'out'
+    out.mkdir()
+
+    def full_disk(*args, **kwargs):  # as safetensors reports a full disk
+        raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                          'message: "No space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, 'save_file', full_disk)
+    base = ['--checkpoint', str(tmp_path / 'ckpt.pth.tar'), '--output', str(out / 'h')]
+    assert export_hub.main(base) == 1
+    text = capsys.readouterr().out
+    assert f'Stopped: cannot write {out / "h"}: No space left on device; free space on that disk, or point --output ' \
+           f'at another.' in text and 'Traceback' not in text
+    assert list(out.iterdir()) == []
+    monkeypatch.undo()
+    real_mkdir = os.mkdir
+
+    def read_only_mkdir(path, *args, **kwargs):
+        if str(path).startswith(str(out)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, 'mkdir', read_only_mkdir)
+    assert export_hub.main(base) == 1
+    text = capsys.readouterr().out
+    assert f'Stopped: cannot write {out / "h"}: {os.strerror(errno.EROFS)}; that file system is read-only: point ' \
+           f'--output at a writable disk.' in text and '.tmp-' not in text
+    assert list(out.iterdir()) == []

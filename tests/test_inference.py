@@ -1,6 +1,8 @@
 """inference.py: folders, file lists and single images to top-k predictions, names, formats and bad input."""
 import csv
+import errno
 import json
+import os
 
 import pyarrow.parquet
 import pytest
@@ -136,3 +138,29 @@ def test_bad_options_are_named(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         inference.main([*base, '--results-format', 'parquet'])
     assert 'parquet results need pyarrow: pip install pyarrow' in capsys.readouterr().err
+
+
+def test_results_that_cannot_be_written_are_one_line_naming_the_file(tmp_path, images, capsys, monkeypatch):
+    write_checkpoint(tmp_path / 'best.pth.tar')
+    base = [str(images), '--checkpoint', str(tmp_path / 'best.pth.tar'), '--results-file', 'r.csv', *FAST]
+    in_the_way = tmp_path / 'file'
+    in_the_way.write_text('')
+    assert inference.main([*base, '--results-dir', str(in_the_way)]) == 1
+    out = capsys.readouterr().out
+    assert f'Stopped: cannot write {in_the_way}: ' in out and 'a file is in the way of a folder: point --results-dir' \
+        in out and 'Traceback' not in out
+    locked = tmp_path / 'locked'
+    locked.mkdir()
+    real_open = os.open
+
+    def read_only_open(path, *args, **kwargs):
+        if str(path).startswith(str(locked)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, 'open', read_only_open)
+    assert inference.main([*base, '--results-dir', str(locked)]) == 1
+    out = capsys.readouterr().out
+    assert f'Stopped: cannot write {locked / "r.csv"}: {os.strerror(errno.EROFS)}; that file system is read-only: ' \
+           f'point --results-dir at a writable disk.' in out and 'Traceback' not in out
+    assert list(locked.iterdir()) == []

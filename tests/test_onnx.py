@@ -1,4 +1,7 @@
 """onnx_export.py: graphs that onnxruntime runs to PyTorch's logits within 1e-4, at any batch size."""
+import errno
+import os
+
 import numpy as np
 import onnxruntime
 import pytest
@@ -78,3 +81,33 @@ def test_bad_options_are_named(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         onnx_export.main([str(tmp_path / 'm.onnx'), '--model', 'posmlp_t', '--model-kwargs', f'img_size={32}'])
     assert 'needs onnxruntime: pip install onnxruntime' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('options, message', [
+    (['--opset', '13', '--dynamo'], '--opset 13: the torch.export exporter writes opsets 18 to '),
+    (['--opset', '30', '--no-dynamo'], '--opset 30: the TorchScript exporter writes opsets 7 to 20'),
+])
+def test_an_opset_the_exporter_cannot_write_is_refused_up_front(tmp_path, capsys, options, message):
+    with pytest.raises(SystemExit):
+        onnx_export.main([str(tmp_path / 'm.onnx'), '--model', 'posmlp_t', *TINY_MODEL_ARGS, *options])
+    error = capsys.readouterr().err
+    assert message in error and ('--no-dynamo for opsets 7 to 20' in error or '--dynamo for opsets 18 to' in error)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_that_cannot_be_written_is_an_output_error(tmp_path, capsys, monkeypatch):
+    import timm.utils.onnx
+
+    def full_disk(*args, **kwargs):  # as an exporter reports a failed write: its own error, raised from the OSError
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as e:
+            raise RuntimeError('failed to save the model') from e
+
+    monkeypatch.setattr(timm.utils.onnx, 'onnx_export', full_disk)
+    out = tmp_path / 'm.onnx'
+    assert onnx_export.main([str(out), '--model', 'posmlp_t', *TINY_MODEL_ARGS, '--no-dynamo']) == 1
+    text = capsys.readouterr().out
+    assert f'Stopped: cannot write {out}: No space left on device; free space on that disk, or point ONNX_FILE at ' \
+           f'another.' in text and 'exporter failed' not in text and 'Traceback' not in text
+    assert list(tmp_path.iterdir()) == []

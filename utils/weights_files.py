@@ -7,6 +7,7 @@ are the weights and the rest is JSON in the file's metadata (see `models.save_ch
 Either loads through `models.create_model_from_checkpoint` and through timm's pretrained route
 (`timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=PATH, num_classes=N))`).
 """
+import contextlib
 import hashlib
 import os
 from typing import Optional, Tuple
@@ -16,6 +17,7 @@ from models import LoadedCheckpoint
 from models.checkpoint import SAFETENSORS_SUFFIX
 from .data import recorded_input_options
 from .errors import CheckpointError
+from .outputs import output_error
 
 # Endings that name checkpoint and weights files, longest first: 'model_best.pth.tar' has the stem 'model_best'.
 WEIGHTS_SUFFIXES = ('.pth.tar', SAFETENSORS_SUFFIX, '.pth', '.tar', '.bin', '.pt')
@@ -77,7 +79,8 @@ def write_weights_file(content: dict, path: str, hash_in_name: bool) -> Tuple[st
     """Write `content` to `path` (its ending picks the format) and return (final path, SHA-256).
 
     With `hash_in_name` the file is named STEM-<first 8 hex digits of its SHA-256>SUFFIX, as timm's
-    release files are. It is written whole under a hidden name first, so a crash or a refusal leaves nothing.
+    release files are. It is written whole under a hidden name first, so a crash or a refusal leaves nothing;
+    a file that cannot be written is an OutputError naming `path` and the fix (for --output).
     """
     folder, name = os.path.split(os.path.abspath(path))
     stem, suffix = split_suffix(name)
@@ -93,9 +96,13 @@ def write_weights_file(content: dict, path: str, hash_in_name: bool) -> Tuple[st
         else:
             refuse_existing(final)
             os.replace(partial, final)
-    except BaseException:
-        if os.path.exists(partial):
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             os.remove(partial)
+        if isinstance(e, OSError):
+            # The user's path, not the hidden name: that is gone, and --output chose the folder.
+            named = path if e.filename in (None, partial) else e.filename
+            raise output_error(OSError(e.errno, e.strerror, named), path) from None
         raise
     return final, sha256
 
