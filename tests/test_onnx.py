@@ -83,6 +83,14 @@ def test_bad_options_are_named(tmp_path, capsys, monkeypatch):
     assert 'needs onnxruntime: pip install onnxruntime' in capsys.readouterr().err
 
 
+def test_the_opset_ranges_are_the_installed_torchs():
+    # onnx_export.py writes them out rather than import torch's private modules; a torch that moves them fails here.
+    from torch.onnx._constants import ONNX_MAX_OPSET, ONNX_MIN_OPSET, ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    from torch.onnx._internal.exporter._constants import TORCHLIB_OPSET
+    assert onnx_export.OPSETS == {True: (TORCHLIB_OPSET, ONNX_MAX_OPSET),
+                                  False: (ONNX_MIN_OPSET, ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)}
+
+
 @pytest.mark.parametrize('options, message', [
     (['--opset', '13', '--dynamo'], '--opset 13: the torch.export exporter writes opsets 18 to '),
     (['--opset', '30', '--no-dynamo'], '--opset 30: the TorchScript exporter writes opsets 7 to 20'),
