@@ -105,14 +105,83 @@ def test_files_that_are_not_images_are_counted_and_other_image_formats_read(tmp_
 def test_a_folder_that_cannot_be_listed_is_named_not_skipped(tmp_path, monkeypatch):
     data = make_image_folder(tmp_path / 'data', classes=('a',), per_class=1, splits=('train',))
     locked = data / 'train' / 'a' / 'locked'
-    walk = images.os.walk
+    locked.mkdir()
+    scandir = images.os.scandir
 
-    def walk_meeting_a_locked_folder(top, onerror=None, **kwargs):
-        onerror(PermissionError(13, 'Permission denied', str(locked)))  # as os.walk reports it (root reads all)
-        yield from walk(top, onerror=onerror, **kwargs)
-    monkeypatch.setattr(images.os, 'walk', walk_meeting_a_locked_folder)
+    def scandir_meeting_a_locked_folder(path):
+        if str(path) == str(locked):  # as os.scandir reports it (root, which runs the tests, reads all)
+            raise PermissionError(13, 'Permission denied', str(locked))
+        return scandir(path)
+    monkeypatch.setattr(images.os, 'scandir', scandir_meeting_a_locked_folder)
     with pytest.raises(DataError, match=f'cannot list {locked}: Permission denied; its images would be left out'):
         create_split_dataset('', str(data / 'train'), 'train')
+
+
+def test_a_link_back_to_the_split_is_left_out_not_walked_again(tmp_path, caplog):
+    """`ln -s .. train/cat/up` would list every image again below cat/up/..., dog's labelled cat."""
+    data = make_image_folder(tmp_path / 'data', classes=('cat', 'dog'), per_class=4, splits=('train',))
+    (data / 'train' / 'cat' / 'up').symlink_to('..')
+    (data / 'train' / 'cat' / 'self').symlink_to('.')
+    with caplog.at_level(logging.INFO):
+        dataset = create_split_dataset('', str(data / 'train'), 'train')
+    assert len(dataset) == 8
+    assert labels_by_file(dataset) == {f'train/{c}/{c}_{i}.png': c for c in ('cat', 'dog') for i in range(4)}
+    assert (f'{data / "train"}: left out 2 linked folders that lead back to the split, a class folder or a folder '
+            f'already walked (a loop; their images are listed where they lie): {data / "train" / "cat" / "self"}, '
+            f'{data / "train" / "cat" / "up"}. Remove the links.') in caplog.text
+    assert 'subfolders of their class folder' not in caplog.text
+
+
+def test_a_link_to_another_class_folder_is_left_out(tmp_path, caplog):
+    data = make_image_folder(tmp_path / 'data', classes=('cat', 'dog'), per_class=2, splits=('train',))
+    (data / 'train' / 'cat' / 'dogs_too').symlink_to(data / 'train' / 'dog')
+    with caplog.at_level(logging.WARNING):
+        dataset = create_split_dataset('', str(data / 'train'), 'train')
+    assert sorted(labels_by_file(dataset).values()) == ['cat', 'cat', 'dog', 'dog']
+    assert 'left out 1 linked folders' in caplog.text
+
+
+def test_an_image_linked_under_two_class_folders_is_refused_naming_both(tmp_path):
+    data = make_image_folder(tmp_path / 'data', classes=('cat', 'dog'), per_class=1, splits=('train',))
+    add_png(data / 'train' / 'dog' / 'crops' / 'd.png')
+    (data / 'train' / 'cat' / 'borrowed').symlink_to(data / 'train' / 'dog' / 'crops')
+    with pytest.raises(DataError) as refused:
+        create_split_dataset('', str(data / 'train'), 'train')
+    assert (f'{data / "train" / "cat" / "borrowed" / "d.png"} and {data / "train" / "dog" / "crops" / "d.png"} are '
+            f'the same image ({data / "train" / "dog" / "crops" / "d.png"}), reached through a link under class '
+            f'folders cat and dog: it would carry both labels. Remove the link') in str(refused.value)
+    (data / 'train' / 'cat' / 'borrowed').unlink()
+    (data / 'train' / 'cat' / 'one.png').symlink_to(data / 'train' / 'dog' / 'dog_0.png')
+    with pytest.raises(DataError, match='under class folders cat and dog: it would carry both labels. Remove the link'):
+        create_split_dataset('', str(data / 'train'), 'train')
+
+
+def test_an_image_reached_twice_in_its_class_folder_is_listed_once(tmp_path, caplog):
+    data = make_image_folder(tmp_path / 'data', classes=('cat',), per_class=2, splits=('train',))
+    (data / 'train' / 'cat' / 'again.png').symlink_to('cat_0.png')
+    with caplog.at_level(logging.WARNING):
+        dataset = create_split_dataset('', str(data / 'train'), 'train')
+    assert sorted(labels_by_file(dataset)) == ['train/cat/cat_0.png', 'train/cat/cat_1.png']
+    assert f'1 images are reached twice in their class folder through links and listed once: ' \
+           f'{data / "train" / "cat" / "again.png"}' in caplog.text
+
+
+def test_linked_class_folders_are_followed(tmp_path, caplog):
+    """Class folders linked into place from a shared copy (of ImageNet, say), and linked folders within them."""
+    shared = make_image_folder(tmp_path / 'shared', classes=('n01', 'n02'), per_class=2, splits=('train',))
+    add_png(tmp_path / 'extra' / 'n01_extra.png')
+    (shared / 'train' / 'n01' / 'extra').symlink_to(tmp_path / 'extra')
+    split = tmp_path / 'data' / 'train'
+    split.mkdir(parents=True)
+    for name in ('n01', 'n02'):
+        (split / name).symlink_to(shared / 'train' / name)
+    with caplog.at_level(logging.WARNING):
+        dataset = create_split_dataset('', str(split), 'train')
+    assert labels_by_file(dataset) == {'train/n01/n01_0.png': 'n01', 'train/n01/n01_1.png': 'n01',
+                                       'n01/extra/n01_extra.png': 'n01',
+                                       'train/n02/n02_0.png': 'n02', 'train/n02/n02_1.png': 'n02'}
+    assert all(path.startswith(str(split)) for path, _ in dataset.reader.samples)
+    assert caplog.text == ''
 
 
 # Pixels -----------------------------------------------------------------------------------------------------------

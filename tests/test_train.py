@@ -252,6 +252,24 @@ def test_resuming_the_authors_checkpoint_points_to_initial_checkpoint(tmp_path, 
     assert 'Traceback' not in out and not (tmp_path / 'out').exists()
 
 
+def test_resuming_on_data_of_other_classes_is_refused_before_the_run_changes(tmp_path, capsys):
+    base = make_image_folder(tmp_path / 'data', classes=('cat', 'dog'), per_class=2)
+    other = make_image_folder(tmp_path / 'data4', classes=('apple', 'zebra'), per_class=2)
+    out = tmp_path / 'out'
+    assert train_in_process(base, out, 'base', '--epochs', '1') == 0
+    run = out / 'base'
+    files = {p.name: p.read_bytes() for p in run.iterdir() if p.name != 'train.log'}
+    capsys.readouterr()
+    assert train_in_process(other, out, 'base', '--epochs', '2', '--resume', str(run / 'last.pth.tar')) == 1
+    printed = capsys.readouterr().out
+    assert (f'Stopped: --resume {run / "last.pth.tar"} was trained on the classes cat, dog, but {other} labels apple, '
+            f'zebra: its head would go on under other names. Resume on the data it was trained on, or start a new run '
+            f'from its weights with --initial-checkpoint {run / "last.pth.tar"} to fine-tune.') in printed
+    assert 'Traceback' not in printed
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != 'train.log'} == files
+    assert train_in_process(base, out, 'base', '--epochs', '2', '--resume', str(run / 'last.pth.tar')) == 0
+
+
 def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
     same_second = datetime.datetime(2024, 5, 1, 12, 0, 0)
     monkeypatch.setattr(outputs, 'datetime', SimpleNamespace(datetime=SimpleNamespace(now=lambda: same_second)))

@@ -3,7 +3,11 @@
 Labels follow the ImageNet layout of torchvision's ImageFolder: a class is a folder directly under
 the split, and every image below it, at any depth, belongs to it (`train/n01/extra_shots/x.jpg` is
 n01's). Classes are numbered in timm's natural order of their names. A class folder without images
-is refused unless it is kept as a class on purpose (--keep-empty-classes).
+is refused unless it is kept as a class on purpose (--keep-empty-classes). Linked folders are followed (class
+folders are often links into a shared copy of ImageNet), except a link back to the split, to a class folder or
+to a folder already walked (a loop, which would list its images again under the wrong class): it is left out
+with a warning. A file reached twice inside one class folder is listed once, with a warning; one reached under
+two class folders (one of them through a link) is refused, since it would carry two labels.
 
 Pixels: every mode Pillow opens becomes the 8-bit RGB a person would see; values are scaled, never
 clipped (Pillow's own convert('RGB') clips 16-bit grey to nearly white):
@@ -24,7 +28,7 @@ applied, as in timm and torchvision, whose pretrained weights were trained and e
 """
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -58,6 +62,21 @@ class ClassFolders:
     in_subfolders: int  # images in folders below their class folder
     not_images: int  # files under the class folders left out because their extension is not an image's
     empty_classes: List[str]  # class folders with no image at any depth, kept as classes on request
+    loops: List[str]  # linked folders left out: they lead back to the split, a class folder or a walked folder
+    repeats: List[str]  # images reached a second time in their class folder through a link, left out
+
+
+@dataclass
+class _Walk:
+    """What walking the class folders of one split has seen so far."""
+    split_dir: str
+    protected: List[str]  # real paths of the split and its class folders: a link to one (or above one) is a loop
+    listed: Dict[str, str] = field(default_factory=dict)  # real path of each image listed -> the path it is listed by
+    loops: List[str] = field(default_factory=list)
+    repeats: List[str] = field(default_factory=list)
+
+    def class_of(self, path: str) -> str:
+        return os.path.relpath(path, self.split_dir).split(os.sep)[0]
 
 
 def _unlistable(error: OSError):
@@ -65,14 +84,59 @@ def _unlistable(error: OSError):
                            f'Make it readable, or remove it.')
 
 
-def _images_below(folder: str, extensions: set) -> Tuple[List[str], int, int]:
+def _listing(folder: str) -> list:
+    """The entries of `folder`, links last: an image reached both directly and through a link keeps its own path."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda entry: (entry.is_symlink(), entry.name))
+    except OSError as e:
+        _unlistable(e)
+
+
+def _leads_back(real: str, walk: _Walk, visited: set) -> bool:
+    """Whether the folder at `real` was walked already, or is (or holds) the split or a class folder."""
+    return real in visited or any(p == real or p.startswith(real + os.sep) for p in walk.protected)
+
+
+def _listed_once(path: str, real: str, walk: _Walk) -> bool:
+    """Record the image at `path` (real path `real`); False when its class folder lists it already."""
+    first = walk.listed.setdefault(real, path)
+    if first is path:
+        return True
+    if walk.class_of(first) != walk.class_of(path):
+        raise ClassFolderError(
+            f'{first} and {path} are the same image ({real}), reached through a link under class folders '
+            f'{walk.class_of(first)} and {walk.class_of(path)}: it would carry both labels. Remove the link, so that '
+            f'each image lies under one class folder.')
+    walk.repeats.append(path)
+    return False
+
+
+def _real_path(entry: os.DirEntry, directory: str, real_directory: str) -> str:
+    """The real path of an entry that is no link, from its folder's: no system call (nor new string) per image."""
+    return entry.path if directory == real_directory else os.path.join(real_directory, entry.name)
+
+
+def _images_below(folder: str, extensions: set, walk: _Walk) -> Tuple[List[str], int, int]:
     """(image paths at any depth below `folder`, how many lie in its subfolders, files that are not images)."""
     images, in_subfolders, not_images = [], 0, 0
-    for root, _, files in os.walk(folder, onerror=_unlistable, followlinks=True):
-        found = [os.path.join(root, f) for f in files if os.path.splitext(f)[1].lower() in extensions]
-        images += found
-        in_subfolders += len(found) if root != folder else 0
-        not_images += len(files) - len(found)
+    visited = {os.path.realpath(folder)}
+    pending = [(folder, os.path.realpath(folder))]
+    while pending:
+        directory, real_directory = pending.pop()
+        for entry in _listing(directory):
+            real = os.path.realpath(entry.path) if entry.is_symlink() else _real_path(entry, directory, real_directory)
+            if entry.is_dir():
+                if _leads_back(real, walk, visited):
+                    walk.loops.append(entry.path)
+                else:
+                    visited.add(real)
+                    pending.append((entry.path, real))
+            elif os.path.splitext(entry.name)[1].lower() not in extensions:
+                not_images += 1
+            elif _listed_once(entry.path, real, walk):
+                images.append(entry.path)
+                in_subfolders += directory != folder
     return images, in_subfolders, not_images
 
 
@@ -97,8 +161,9 @@ def find_class_folders(split_dir: str, class_to_idx: Optional[Dict[str, int]] = 
     if unknown:
         raise ClassFolderError(f'{split_dir} has class folders without a label: {", ".join(unknown[:10])}.')
     samples, in_subfolders, not_images, empty = [], 0, 0, []
+    walk = _Walk(split_dir, [os.path.realpath(p) for p in (split_dir, *(os.path.join(split_dir, n) for n in classes))])
     for name in classes:
-        images, below, others = _images_below(os.path.join(split_dir, name), extensions)
+        images, below, others = _images_below(os.path.join(split_dir, name), extensions, walk)
         samples += [(path, class_to_idx[name]) for path in images]
         in_subfolders += below
         not_images += others
@@ -110,7 +175,7 @@ def find_class_folders(split_dir: str, class_to_idx: Optional[Dict[str, int]] = 
             f'{", ".join(empty[:10])}{f" ... ({len(empty)} in all)" if len(empty) > 10 else ""}. Remove them, or '
             f'pass --keep-empty-classes to keep them as classes (the head keeps a label for each).')
     samples.sort(key=lambda sample: natural_key(sample[0]))
-    return ClassFolders(samples, dict(class_to_idx), in_subfolders, not_images, empty)
+    return ClassFolders(samples, dict(class_to_idx), in_subfolders, not_images, empty, walk.loops, walk.repeats)
 
 
 class ClassFolderReader(ReaderImageFolder):
@@ -131,6 +196,13 @@ def log_class_folders(split_dir: str, found: ClassFolders):
     if found.not_images:
         _logger.warning(f'{split_dir}: {found.not_images} files in the class folders are not images by their '
                         f'extension ({" ".join(sorted(image_extensions()))}) and are left out.')
+    if found.loops:
+        _logger.warning(f'{split_dir}: left out {len(found.loops)} linked folders that lead back to the split, a class '
+                        f'folder or a folder already walked (a loop; their images are listed where they lie): '
+                        f'{", ".join(found.loops[:3])}{" ..." if len(found.loops) > 3 else ""}. Remove the links.')
+    if found.repeats:
+        _logger.warning(f'{split_dir}: {len(found.repeats)} images are reached twice in their class folder through '
+                        f'links and listed once: {", ".join(found.repeats[:3])}{" ..." if len(found.repeats) > 3 else ""}.')
     if found.empty_classes:
         _logger.warning(f'{split_dir}: kept {len(found.empty_classes)} class folders without images as classes '
                         f'(--keep-empty-classes): {", ".join(found.empty_classes[:10])}.')

@@ -17,11 +17,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 import models
 from .args import plain_args
-from .data import create_training_datasets
+from .data import class_to_idx, create_training_datasets
 from .digits import prepare_digits
 from .distributed import Runtime, barrier
 from .errors import DataError, OptionError
-from .run_checkpoints import resume_training
+from .run_checkpoints import check_resumed_classes, resume_training
 
 _logger = logging.getLogger('train')
 
@@ -34,15 +34,19 @@ DDP_BUFFER_OPTION = 'forward_sync_buffers' if 'forward_sync_buffers' in _DDP_OPT
 
 
 def training_datasets(args, runtime: Runtime):
-    """The training and validation splits; scikit-learn's digits are written as an image folder first."""
+    """The training and validation splits; scikit-learn's digits are written as an image folder first. A resumed
+    run's training split must hold the classes its checkpoint learned, checked before anything else is built."""
     dataset = args.dataset
     if dataset == 'digits':
         if runtime.is_primary:
             prepare_digits(args.data_dir)
         barrier(runtime)
         dataset = ''
-    return create_training_datasets(dataset, args.data_dir, args.train_split, args.val_split, args.max_bad_images,
-                                    args.keep_empty_classes)
+    train_set, val_set = create_training_datasets(dataset, args.data_dir, args.train_split, args.val_split,
+                                                  args.max_bad_images, args.keep_empty_classes)
+    if args.resume:
+        check_resumed_classes(args.resume, args.data_dir, class_to_idx(train_set))
+    return train_set, val_set
 
 
 def model_kwargs_from_args(args, num_classes: int) -> dict:

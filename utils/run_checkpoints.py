@@ -215,6 +215,23 @@ def resume_point(path: str) -> Tuple[int, Dict[str, Any]]:
     return int(checkpoint['epoch']), checkpoint['args']
 
 
+def _class_names(class_to_idx: dict, shown: int = 4) -> str:
+    names = sorted(class_to_idx, key=class_to_idx.get)
+    return ', '.join(names[:shown]) + (f' ... ({len(names)} in all)' if len(names) > shown else '')
+
+
+def check_resumed_classes(path: str, data: str, class_to_idx: Optional[dict]):
+    """Refuse to resume on data whose classes are not the ones the checkpoint at `path` learned, label for label:
+    its head would carry on under other names. Checkpoints or datasets without a class map are not checked."""
+    recorded = read_resumable(path, mmap=True).get('class_to_idx')
+    if recorded is None or class_to_idx is None or dict(recorded) == dict(class_to_idx):
+        return
+    raise CheckpointError(
+        f'--resume {path} was trained on the classes {_class_names(recorded)}, but {data} labels '
+        f'{_class_names(class_to_idx)}: its head would go on under other names. Resume on the data it was trained '
+        f'on, or start a new run from its weights with --initial-checkpoint {path} to fine-tune.')
+
+
 def _resume_loss_scaler(path: str, state: Optional[dict], loss_scaler):
     """Load the scaler's state when the checkpoint has one of its kind; a run resumed with another kind of AMP
     (apex, native float16) starts its scaler fresh, since each kind's state fails to load into the other."""
