@@ -29,8 +29,8 @@ from utils.errors import CheckpointError, DataError, NonFiniteLossError, OptionE
 from utils.loaders import build_eval_loader, build_train_loader, loader_options, mixup_arguments, stop_mixing
 from utils.outputs import RunRecorder, held_for_the_run_log, open_run_folder
 from utils.recipe import (
-    create_model, create_model_ema, create_optimizer, create_schedule, place_model, resume, steps_per_epoch,
-    training_datasets, training_loss, wrap_ddp,
+    create_model, create_model_ema, create_optimizer, create_schedule, global_batch, place_model, resume,
+    steps_per_epoch, training_datasets, training_loss, wrap_ddp,
 )
 from utils.run_checkpoints import training_state
 from utils.weights_choice import ranked_by, ranking_metric
@@ -93,8 +93,7 @@ def train(args):
         clip_mode=args.clip_mode, channels_last=args.channels_last, log_interval=args.log_interval,
         autocast=precision.autocast, loss_scaler=precision.loss_scaler, mixup=device_mixup)
     recorder = RunRecorder(run.folder, args, start_epoch) if runtime.is_primary else None
-    global_batch = args.batch_size * runtime.world_size * args.grad_accum_steps
-    _logger.info(f'Global batch {global_batch} = {args.batch_size} per process x {runtime.world_size} process(es) x '
+    _logger.info(f'Global batch {global_batch(args, runtime)} = {args.batch_size} per process x {runtime.world_size} process(es) x '
                  f'{args.grad_accum_steps} accumulated; lr {args.lr:g} as given, not rescaled for the global batch.')
     _logger.info(f'Precision: {precision.description}. Epochs {start_epoch}..{num_epochs - 1}, {steps} steps '
                  f'and {updates} updates each; checkpoints ranked by {ranked_by(args)}.')
@@ -116,7 +115,8 @@ def train(args):
             scheduler.step(epoch + 1, metric)
         if recorder is not None:
             state = training_state(epoch, args.model, model_kwargs, model, optimizer, scheduler, precision.loss_scaler,
-                                   model_ema, plain_args(args), metric, class_to_idx(train_set))
+                                   model_ema, plain_args(args), metric, class_to_idx(train_set),
+                                   global_batch(args, runtime))
             recorder.record(state, time.time() - epoch_start, train_metrics, eval_metrics, ema_metrics,
                             unreadable_count(train_set) + unreadable_count(val_set))
     if recorder is not None:

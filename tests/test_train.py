@@ -460,6 +460,19 @@ def test_resume_refuses_to_drop_ema_weights_and_warns_about_a_dropped_scaler(tmp
     assert 'holds loss-scaler state' in caplog.text and 'Add --amp' in caplog.text
 
 
+def test_resume_with_another_global_batch_says_so(tmp_path, caplog):
+    # A run of 2 processes resumed on 1 halves its batch per update under the same learning rate.
+    model, optimizer, scheduler, scaler, ema = _training_objects(0)
+    CheckpointKeeper(str(tmp_path)).save(training_state(
+        0, 'posmlp_t', dict(TINY_KWARGS, num_classes=3), model, optimizer, scheduler, scaler, ema, {}, 50.,
+        global_batch=64))
+    for batch, warned in ((64, False), (32, True)):
+        caplog.clear()
+        model, optimizer, scheduler, scaler, ema = _training_objects(1)
+        assert resume_training(str(tmp_path / 'last.pth.tar'), model, optimizer, scheduler, scaler, ema, batch) == 1
+        assert ('was trained with a global batch of 64 images per update, and this run has 32' in caplog.text) == warned
+
+
 def test_summary_takes_new_columns_by_rewriting_the_file(tmp_path):
     path = tmp_path / 'summary.csv'
     append_summary(str(path), {'epoch': 0, 'eval_top1': 50.})
@@ -623,7 +636,9 @@ def test_authors_command_line_runs_on_two_processes(tmp_path):
     assert 'Train: 0 [   2/2 (100%)]' in result.stdout
     _, rows = read_summary(tmp_path / 'out' / 'authors')
     assert len(rows) == 1
-    args = load_checkpoint(tmp_path / 'out' / 'authors' / 'last.pth.tar')['args']
+    saved = load_checkpoint(tmp_path / 'out' / 'authors' / 'last.pth.tar')
+    args = saved['args']
+    assert saved['global_batch'] == 8
     assert args['mixup'] == 0.8 and args['aa'] == 'rand-m9-mstd0.5-inc1' and args['apex_amp'] is True
 
     # Each process's EMA has BatchNorm statistics of its own data; only if they are synced before the EMA

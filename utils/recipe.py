@@ -147,7 +147,8 @@ def resume(args, resumed_epoch: int, resumed_args: Optional[dict], num_epochs: i
             f'--resume {args.resume}: epoch {resumed_epoch} is finished, and the schedule of --epochs '
             f'{args.epochs} ends with epoch {num_epochs - 1} (cooldown included), so nothing is left to train. '
             f'To train on, pass a larger --epochs; the schedule is rebuilt from the options.')
-    start_epoch = resume_training(args.resume, model, optimizer, scheduler, loss_scaler, model_ema)
+    start_epoch = resume_training(args.resume, model, optimizer, scheduler, loss_scaler, model_ema,
+                                  global_batch(args, runtime))
     if runtime.is_primary:
         log_schedule_changes(args, resumed_args or {})
     if scheduler is not None:
@@ -156,6 +157,11 @@ def resume(args, resumed_epoch: int, resumed_args: Optional[dict], num_epochs: i
         else:
             scheduler.step(start_epoch)
     return start_epoch
+
+
+def global_batch(args, runtime: Runtime) -> int:
+    """Images per optimizer update over all processes."""
+    return args.batch_size * runtime.world_size * args.grad_accum_steps
 
 
 def log_schedule_changes(args, resumed_args: dict):

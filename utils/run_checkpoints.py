@@ -37,11 +37,12 @@ TRAINING_KEYS = frozenset({'epoch', 'model_name', 'model_kwargs', 'state_dict', 
 
 def training_state(epoch: int, model_name: str, model_kwargs: dict, model, optimizer, scheduler, loss_scaler,
                    model_ema, args: dict, metric: Optional[float],
-                   class_to_idx: Optional[dict] = None) -> Dict[str, Any]:
+                   class_to_idx: Optional[dict] = None, global_batch: Optional[int] = None) -> Dict[str, Any]:
     """The checkpoint of an epoch just finished, as plain data (loads with weights_only=True).
 
     `class_to_idx` (class folder name -> label) lets evaluation label folders that hold fewer classes
-    than the head; datasets without class folders have none, and the key is left out."""
+    than the head; datasets without class folders have none, and the key is left out. `global_batch` (images
+    per update over all processes) lets a resume on another number of processes say that it differs."""
     state = dict(
         epoch=epoch,
         model_name=model_name,
@@ -56,6 +57,8 @@ def training_state(epoch: int, model_name: str, model_kwargs: dict, model, optim
     )
     if class_to_idx is not None:
         state['class_to_idx'] = dict(class_to_idx)
+    if global_batch is not None:
+        state['global_batch'] = global_batch
     if model_ema is not None:
         state['state_dict_ema'] = get_state_dict(model_ema.module, unwrap_model)
     return state
@@ -246,9 +249,10 @@ def _resume_loss_scaler(path: str, state: Optional[dict], loss_scaler):
         loss_scaler.load_state_dict(state)
 
 
-def resume_training(path: str, model, optimizer, scheduler=None, loss_scaler=None, model_ema=None) -> int:
+def resume_training(path: str, model, optimizer, scheduler=None, loss_scaler=None, model_ema=None,
+                    global_batch: Optional[int] = None) -> int:
     """Restore model, optimizer, loss scaler and EMA from a checkpoint of this project's train.py; returns
-    the epoch to continue with.
+    the epoch to continue with. Given this run's global batch, warns when the resumed run's was another.
 
     The schedule is not restored: like timm's train.py, the caller steps the scheduler it built from this
     run's options to the resumed epoch, so a larger --epochs extends a run. Only the plateau schedule keeps
@@ -264,6 +268,11 @@ def resume_training(path: str, model, optimizer, scheduler=None, loss_scaler=Non
         _logger.warning(f'{path} holds loss-scaler state (the run used float16 AMP or apex), but this run has no loss '
                         f'scaler (no --amp, or bfloat16): its state is dropped and the next checkpoints are written '
                         f'without it. Add --amp (--amp-dtype float16) to continue the run as it was.')
+    recorded_batch = checkpoint.get('global_batch')
+    if global_batch is not None and recorded_batch is not None and recorded_batch != global_batch:
+        _logger.warning(f'{path} was trained with a global batch of {recorded_batch} images per update, and this run '
+                        f'has {global_batch} (-b x processes x --grad-accum-steps); the learning rate is not rescaled. '
+                        f'To continue the run as it was, make them equal.')
     models.load_weights(unwrap_model(model), checkpoint['state_dict'], f'{path} (state_dict)')
     optimizer.load_state_dict(checkpoint['optimizer'])
     if isinstance(scheduler, PlateauLRScheduler) and checkpoint['scheduler'] is not None:
