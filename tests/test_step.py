@@ -244,3 +244,15 @@ def test_tf32_and_cudnn_benchmark_are_set_for_cuda_only(monkeypatch):
     assert not flags.matmul.allow_tf32 and not torch.backends.cudnn.benchmark
     amp.use_tf32_and_cudnn_benchmark(torch.device('cuda'))
     assert flags.matmul.allow_tf32 and torch.backends.cudnn.benchmark
+
+
+@pytest.mark.parametrize('clip_mode, head_clipped', [('norm', True), ('value', True), ('agc', False)])
+def test_adaptive_clipping_leaves_the_head_out_as_timm_does(clip_mode, head_clipped):
+    import timm
+    from conftest import TINY_KWARGS
+    from utils.engine import _clipped_parameters
+    model = timm.create_model('posmlp_t', num_classes=3, **TINY_KWARGS)
+    clipped = {id(p) for p in _clipped_parameters(model, clip_mode)}
+    head = {id(p) for p in model.head.parameters()}
+    assert (head <= clipped) == head_clipped and bool(head & clipped) == head_clipped
+    assert clipped | head == {id(p) for p in model.parameters()}

@@ -15,7 +15,8 @@ from typing import Callable, ContextManager, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from timm.utils import AverageMeter, dispatch_clip_grad, distribute_bn
+from timm.models import model_parameters
+from timm.utils import AverageMeter, dispatch_clip_grad, distribute_bn, unwrap_model
 
 from .data import check_unreadable
 from .distributed import Runtime, sum_over_processes
@@ -167,15 +168,21 @@ class LossTally:
         return self.means
 
 
+def _clipped_parameters(model, clip_mode: str):
+    """The parameters whose gradients are clipped: as in timm, adaptive clipping (agc) leaves the head out."""
+    return model_parameters(unwrap_model(model), exclude_head='agc' in clip_mode)
+
+
 def _backward_and_step(loss, model, optimizer, settings: TrainSettings, need_update: bool):
     if settings.loss_scaler is not None:
         settings.loss_scaler(loss, optimizer, clip_grad=settings.clip_grad, clip_mode=settings.clip_mode,
-                             parameters=model.parameters(), need_update=need_update)
+                             parameters=_clipped_parameters(model, settings.clip_mode), need_update=need_update)
         return
     loss.backward()
     if need_update:
         if settings.clip_grad is not None:
-            dispatch_clip_grad(model.parameters(), settings.clip_grad, mode=settings.clip_mode)
+            dispatch_clip_grad(_clipped_parameters(model, settings.clip_mode), settings.clip_grad,
+                               mode=settings.clip_mode)
         optimizer.step()
 
 
