@@ -49,9 +49,10 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 LN_EPS = 1e-6
+BN_EPS = 1e-6  # the stem's BatchNorms, as the authors' code has them
 GATES = ('gqpe', 'lrpe', 'sgu')
 GATE_IMPLS = ('fast', 'reference')
-# GQPE weights below this are set to 0 (see GQPE.forward).
+# GQPE weights below this are set to 0 on the CPU (see GQPE.forward).
 MAP_FLOOR = 1e-30
 
 
@@ -180,9 +181,11 @@ class GQPE(nn.Module):
             if invalid_tokens is not None:
                 scores = scores.masked_fill(invalid_tokens[:, None, None, :], float('-inf'))
             maps = scores.softmax(-1)
+            if maps.device.type != 'cpu':
+                return maps
             # Far from its centre the Gaussian falls below 1e-30 and on to subnormal numbers, whose
             # products x86 CPUs compute many times slower (logs/benchmark_cpu_2026-11-30.md); such
-            # weights change no float32 sum, so they are set to 0.
+            # weights change no float32 sum, so on the CPU they are set to 0.
             return maps.masked_fill(maps < MAP_FLOOR, 0.)
 
 
@@ -365,7 +368,7 @@ class ConvStem(nn.Module):
             self,
             in_chans: int,
             dim: int,
-            norm_layer: Callable = partial(nn.BatchNorm2d, eps=LN_EPS),
+            norm_layer: Callable = partial(nn.BatchNorm2d, eps=BN_EPS),
             act_layer: Callable = nn.GELU,
     ):
         super().__init__()

@@ -189,13 +189,16 @@ def _backward_and_step(loss, model, optimizer, settings: TrainSettings, need_upd
 def check_input_size(model, input_size, device: torch.device):
     """Run the model on one blank image of `input_size`, so that a size it refuses (a model with fixed windows or
     token tables: ViP, EAMLP, PosMLP with dynamic_img_pad=False) is one line before any data is read."""
+    was_training = model.training
     try:
         with torch.no_grad():
-            model(torch.zeros(1, *input_size, device=device))
+            model.eval()(torch.zeros(1, *input_size, device=device))  # eval: no BatchNorm statistics of a blank
     except ValueError as e:
         raise OptionError(f'{model.pretrained_cfg["architecture"]} cannot take input {tuple(input_size)}: '
                           f'{str(e).rstrip(".")}. Give --img-size (or --input-size) a size it takes, or leave it '
                           f'out for the size the checkpoint was trained at.') from None
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
