@@ -35,6 +35,8 @@ from timm.models._features import feature_take_indices
 
 from utils.weights_choice import training_weights
 
+from .placement import build_placed
+
 _logger = logging.getLogger(__name__)
 
 __all__ = ['EAMLP', 'TokenExternalAttention', 'ExternalAttention', 'checkpoint_filter_fn', 'read_architecture',
@@ -453,8 +455,8 @@ def read_architecture(state_dict: Dict[str, torch.Tensor]) -> Optional[Tuple[str
 
 def _create_eamlp(variant: str, pretrained: bool = False, **kwargs) -> EAMLP:
     out_indices = kwargs.pop('out_indices', min(3, kwargs['depth']))  # the last three blocks, as timm's ViTs
-    return build_model_with_cfg(
-        EAMLP, variant, pretrained,
+    return build_placed(
+        build_model_with_cfg, EAMLP, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **kwargs,

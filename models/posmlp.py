@@ -39,6 +39,7 @@ from timm.models._features import feature_take_indices
 
 from utils.weights_choice import training_weights
 
+from .placement import build_placed
 from .posmlp_fast import channel_major_mlp
 
 __all__ = [
@@ -774,8 +775,8 @@ def _create_posmlp(variant: str, pretrained: bool = False, **kwargs) -> PosMLP:
                                               '(or is not a file); check the path', weights_file)
     num_stages = len(kwargs.get('depths', (1, 1, 1, 1)))
     out_indices = kwargs.pop('out_indices', tuple(range(num_stages)))
-    return build_model_with_cfg(
-        PosMLP, variant, pretrained,
+    return build_placed(
+        build_model_with_cfg, PosMLP, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **kwargs,

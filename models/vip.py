@@ -24,6 +24,8 @@ from timm.models._features import feature_take_indices
 
 from utils.weights_choice import training_weights
 
+from .placement import build_placed
+
 __all__ = ['VisionPermutator', 'WeightedPermuteMLP', 'checkpoint_filter_fn', 'read_architecture', 'stage_sides']
 
 
@@ -399,8 +401,8 @@ def read_architecture(state_dict: Dict[str, torch.Tensor]) -> Optional[Tuple[str
 
 def _create_vip(variant: str, pretrained: bool = False, **kwargs) -> VisionPermutator:
     out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('layers', VARIANTS[variant]['layers'])))))
-    return build_model_with_cfg(
-        VisionPermutator, variant, pretrained,
+    return build_placed(
+        build_model_with_cfg, VisionPermutator, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **kwargs,

@@ -505,3 +505,18 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert models.load_checkpoint_file(str(path)) == {'epoch': 1}
     assert os.listdir(tmp_path) == ['last.pth.tar']
+
+
+@pytest.mark.parametrize('name', ['posmlp_t', 'posmlp_t_lrpe', 'posmlp_t_sgu', 'vip_s7', 'eamlp_14'])
+def test_timms_device_and_dtype_arguments_place_the_model(name):
+    on_meta = timm.create_model(name, device='meta')
+    assert {t.device.type for t in (*on_meta.parameters(), *on_meta.buffers())} == {'meta'}
+    cast = timm.create_model(name, dtype=torch.bfloat16)
+    assert {p.dtype for p in cast.parameters()} == {torch.bfloat16}
+
+
+def test_a_bfloat16_posmlp_runs():
+    model = timm.create_model('posmlp_t', dtype=torch.bfloat16, num_classes=3, **TINY_KWARGS).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
