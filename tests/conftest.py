@@ -4,6 +4,7 @@ The suite runs whole on a CPU: a skipped test fails the session (see `pytest_ses
 skipped because it needs CUDA, so a missing fixture or package can never pass unnoticed.
 """
 import contextlib
+import errno
 import os
 import sys
 from pathlib import Path
@@ -112,3 +113,15 @@ def restored_process_state(threads: int = 1):
 def in_process_run():
     with restored_process_state():
         yield
+
+
+def refuse_under(monkeypatch, folder, call: str = 'open', code: int = errno.EROFS):
+    """Make os.`call` (open, mkdir, makedirs) fail with `code` for paths under `folder`, as a read-only file
+    system (EROFS) or a folder one may not write to (EACCES) does."""
+    real = getattr(os, call)
+
+    def refusing(path, *args, **kwargs):
+        if str(path).startswith(str(folder)):
+            raise OSError(code, os.strerror(code), str(path))
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(os, call, refusing)

@@ -10,7 +10,7 @@ import safetensors.torch
 import timm
 import torch
 
-from conftest import TINY_KWARGS
+from conftest import TINY_KWARGS, refuse_under
 from tool_helpers import CLASS_TO_IDX, INPUT_ARGS, logits, write_checkpoint
 
 import avg_checkpoints
@@ -230,13 +230,7 @@ def failing_writes(monkeypatch, folder, code):
             raise OSError(code, os.strerror(code))
         monkeypatch.setattr(os, 'fsync', fsync)
         return
-    real_open = os.open
-
-    def refusing_open(path, *args, **kwargs):
-        if str(path).startswith(str(folder)):
-            raise OSError(code, os.strerror(code), path)
-        return real_open(path, *args, **kwargs)
-    monkeypatch.setattr(os, 'open', refusing_open)
+    refuse_under(monkeypatch, folder, 'open', code)
 
 
 @pytest.mark.parametrize('code, fix', [(errno.ENOSPC, 'free space on that disk, or point --output at another'),

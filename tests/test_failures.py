@@ -15,7 +15,7 @@ import pytest
 import timm
 import torch
 
-from conftest import ROOT, TINY_KWARGS, TINY_MODEL_ARGS, make_image_folder
+from conftest import ROOT, TINY_KWARGS, TINY_MODEL_ARGS, make_image_folder, refuse_under
 
 import models
 import train
@@ -114,14 +114,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoints(tm
 
 
 def test_a_file_whose_temporary_cannot_be_made_is_named_itself(tmp_path, monkeypatch):
-    real_open = os.open
-
-    def read_only_open(path, *args, **kwargs):
-        if str(path).startswith(str(tmp_path)):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, 'open', read_only_open)
+    refuse_under(monkeypatch, tmp_path)
     with pytest.raises(OSError) as error:
         models.save_checkpoint_file({}, str(tmp_path / 'last.pth.tar'))
     assert error.value.errno == errno.EROFS and error.value.filename == str(tmp_path / 'last.pth.tar')
@@ -173,14 +166,7 @@ def test_a_summary_row_cut_by_a_full_disk_is_taken_back(tmp_path, monkeypatch):
 def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys, monkeypatch, code, fix):
     data = make_image_folder(tmp_path / 'data', per_class=1)
     locked = tmp_path / 'locked'
-    real_makedirs = os.makedirs
-
-    def makedirs(name, *args, **kwargs):
-        if str(name).startswith(str(locked)):
-            raise OSError(code, os.strerror(code), str(name))
-        return real_makedirs(name, *args, **kwargs)
-
-    monkeypatch.setattr(os, 'makedirs', makedirs)
+    refuse_under(monkeypatch, locked, 'makedirs', code)
     assert train_in_process(data, locked, 'run', '--epochs', '1') == 1
     one_line_error(capsys, f'cannot write {locked / "run"}: {os.strerror(code)}; {fix}: point --output at')
 

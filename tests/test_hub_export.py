@@ -12,7 +12,7 @@ import timm
 import torch
 import yaml
 
-from conftest import TINY_MODEL_ARGS, make_image_folder, restored_process_state
+from conftest import TINY_MODEL_ARGS, make_image_folder, refuse_under, restored_process_state
 from tool_helpers import CLASS_TO_IDX, logits, write_checkpoint
 
 import export_hub
@@ -110,14 +110,7 @@ def test_an_export_that_cannot_be_written_is_one_line_naming_the_folder(tmp_path
            f'at another.' in text and 'Traceback' not in text
     assert list(out.iterdir()) == []
     monkeypatch.undo()
-    real_mkdir = os.mkdir
-
-    def read_only_mkdir(path, *args, **kwargs):
-        if str(path).startswith(str(out)):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
-        return real_mkdir(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, 'mkdir', read_only_mkdir)
+    refuse_under(monkeypatch, out, 'mkdir')
     assert export_hub.main(base) == 1
     text = capsys.readouterr().out
     assert f'Stopped: cannot write {out / "h"}: {os.strerror(errno.EROFS)}; that file system is read-only: point ' \

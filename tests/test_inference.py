@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from timm.data import ImageNetInfo
 
-from conftest import TINY_KWARGS, make_image_folder
+from conftest import TINY_KWARGS, make_image_folder, refuse_under
 from tool_helpers import CLASS_TO_IDX, write_checkpoint
 
 import inference
@@ -151,14 +151,7 @@ def test_results_that_cannot_be_written_are_one_line_naming_the_file(tmp_path, i
         in out and 'Traceback' not in out
     locked = tmp_path / 'locked'
     locked.mkdir()
-    real_open = os.open
-
-    def read_only_open(path, *args, **kwargs):
-        if str(path).startswith(str(locked)):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, 'open', read_only_open)
+    refuse_under(monkeypatch, locked)
     assert inference.main([*base, '--results-dir', str(locked)]) == 1
     out = capsys.readouterr().out
     assert f'Stopped: cannot write {locked / "r.csv"}: {os.strerror(errno.EROFS)}; that file system is read-only: ' \
