@@ -81,8 +81,11 @@ def train(args):
         start_epoch = resume(args, run.resumed_epoch, run.resumed_args, num_epochs, updates, model, optimizer,
                              scheduler, precision.loss_scaler, model_ema, runtime)
 
-    if args.torchcompile:
+    ema_eval_model = model_ema.module if model_ema is not None else None
+    if args.torchcompile:  # the EMA model too, as timm compiles it for its evaluation
         model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
+        if ema_eval_model is not None:
+            ema_eval_model = torch.compile(ema_eval_model, backend=args.torchcompile, mode=args.torchcompile_mode)
     eval_model = model
     if runtime.distributed:
         model = wrap_ddp(model, runtime, args)
@@ -109,7 +112,7 @@ def train(args):
             epoch, model, train_loader, optimizer, loss_fn, runtime, settings,
             scheduler=scheduler, model_ema=model_ema, num_updates=num_updates)
         eval_metrics, ema_metrics = evaluate_epoch(eval_model, model_ema, val_loader, runtime, precision.autocast,
-                                                   args.channels_last, args.dist_bn)
+                                                   args.channels_last, args.dist_bn, ema_eval_model)
         metric = ranking_metric(args, eval_metrics, ema_metrics)
         if scheduler is not None:
             scheduler.step(epoch + 1, metric)

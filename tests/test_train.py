@@ -696,6 +696,19 @@ def test_a_run_no_longer_than_its_warmup_is_warned_of(tmp_path, warmup, warned):
         == warned
 
 
+def test_torchcompile_compiles_the_ema_model_for_its_evaluation_too(tmp_path, monkeypatch):
+    compiled = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda module, **kwargs: compiled.append(module) or real_compile(module,
+                                                                                                        **kwargs))
+    data = make_image_folder(tmp_path / 'data', per_class=2)
+    assert train_in_process(data, tmp_path / 'out', 'compiled', '--epochs', '1', '--max-steps-per-epoch', '1',
+                            '--model-ema', '--torchcompile', 'eager') == 0
+    assert len(compiled) == 2 and compiled[0] is not compiled[1]
+    _, rows = read_summary(tmp_path / 'out' / 'compiled')
+    assert rows[0]['ema_top1'] != ''
+
+
 def test_a_model_that_cannot_be_built_is_one_sentence(tmp_path, capsys):
     data = make_image_folder(tmp_path / 'data', per_class=1)
     assert train_in_process(data, tmp_path / 'out', 'bad', '--epochs', '1', '--model-kwargs', 'gate=nope') == 1

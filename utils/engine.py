@@ -241,9 +241,10 @@ def evaluate(model, loader, runtime: Runtime, autocast: Callable[[], ContextMana
 
 
 def evaluate_epoch(model, model_ema, loader, runtime: Runtime, autocast: Callable[[], ContextManager],
-                   channels_last: bool, dist_bn: str) -> Tuple[dict, Optional[dict]]:
-    """The metrics of the live model and, with EMA, of the EMA model, after making each one's BatchNorm
-    statistics agree over the processes (--dist-bn reduce averages them, broadcast takes process 0's)."""
+                   channels_last: bool, dist_bn: str, ema_eval_model=None) -> Tuple[dict, Optional[dict]]:
+    """The metrics of the live model and, with EMA, of the EMA model (run as `ema_eval_model`, its compiled
+    form, when given), after making each one's BatchNorm statistics agree over the processes (--dist-bn reduce
+    averages them, broadcast takes process 0's)."""
     if runtime.distributed and dist_bn:
         distribute_bn(model, runtime.world_size, dist_bn == 'reduce')
     eval_metrics = evaluate(model, loader, runtime, autocast, channels_last)
@@ -252,4 +253,5 @@ def evaluate_epoch(model, model_ema, loader, runtime: Runtime, autocast: Callabl
     # Each rank's EMA averages its own BatchNorm statistics; sync them so every rank scores one model.
     if runtime.distributed and dist_bn:
         distribute_bn(model_ema, runtime.world_size, dist_bn == 'reduce')
-    return eval_metrics, evaluate(model_ema.module, loader, runtime, autocast, channels_last)
+    ema_eval_model = ema_eval_model if ema_eval_model is not None else model_ema.module
+    return eval_metrics, evaluate(ema_eval_model, loader, runtime, autocast, channels_last)
