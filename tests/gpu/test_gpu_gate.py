@@ -55,6 +55,14 @@ def perturbed_pair(name: str, device: torch.device):
     return fast.to(device), reference.to(device)
 
 
+def evaluation_setup(name: str):
+    """Both forms in eval mode with the same perturbed weights, and an input batch, on the checked device."""
+    device = check_device()
+    exact_float32()
+    fast, reference = perturbed_pair(name, device)
+    return fast.eval(), reference.eval(), input_batch(device)
+
+
 def output_and_gradients(model: torch.nn.Module, x: torch.Tensor, precision: str):
     model.train()
     model.zero_grad(set_to_none=True)
@@ -98,12 +106,7 @@ def test_training_outputs_and_gradients_match(name, precision):
 def test_evaluation_paths_match(name, precision):
     """Evaluation without autograd, in inference mode, with autograd, and in
     channels-last layout all give the reference form's output, and leave the input alone."""
-    device = check_device()
-    exact_float32()
-    fast, reference = perturbed_pair(name, device)
-    fast.eval()
-    reference.eval()
-    x = input_batch(device)
+    fast, reference, x = evaluation_setup(name)
     kept = x.clone()
     with torch.no_grad():
         expected = forward(reference, x, precision)
@@ -125,12 +128,7 @@ def test_evaluation_paths_match(name, precision):
 def test_cached_maps_follow_parameter_changes(name):
     """Repeated inference gives the same output; an in-place edit of the positional parameters (as an
     optimizer step makes) and a cast to another type are seen by the next inference: no stale maps."""
-    device = check_device()
-    exact_float32()
-    fast, reference = perturbed_pair(name, device)
-    fast.eval()
-    reference.eval()
-    x = input_batch(device)
+    fast, reference, x = evaluation_setup(name)
     tol32 = TOLERANCES['float32'][0]
     case = f'{name} cached maps'
     with torch.no_grad():
@@ -140,7 +138,7 @@ def test_cached_maps_follow_parameter_changes(name):
         assert positional, 'no positional parameters found (names containing ".gate.")'
         generator = torch.Generator().manual_seed(2)
         for p in positional:
-            p.add_(torch.randn(p.shape, generator=generator).to(device) * 0.5)
+            p.add_(torch.randn(p.shape, generator=generator).to(x.device) * 0.5)
         reference.load_state_dict(fast.state_dict())
         edited = fast(x)
         assert_within(PART, case, 'after an in-place edit, fast vs reference', relative_error(edited, reference(x)),
@@ -160,11 +158,7 @@ def test_cached_maps_follow_parameter_changes(name):
 def test_fused_model_matches_unfused(name, precision):
     """timm's reparameterize_model (as inference.py and onnx_export.py --reparam use it), and the model's own
     fuse() where it has one, give the unfused model's output."""
-    device = check_device()
-    exact_float32()
-    model, _ = perturbed_pair(name, device)
-    model.eval()
-    x = input_batch(device)
+    model, _, x = evaluation_setup(name)
     with torch.no_grad():
         expected = forward(model, x, precision)
     fused = {'reparameterize_model': reparameterize_model(model)}
