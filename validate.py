@@ -29,7 +29,7 @@ from utils.args import (
     add_torchcompile_options, amp_requested, check_torchcompile, inference_form, resolve_data_root,
 )
 from utils.data import (
-    check_input_channels, class_folder_names, class_to_idx, create_split_dataset, evaluation_folder, given_input_options, num_classes_of,
+    class_folder_names, class_to_idx, create_split_dataset, evaluation_folder, given_input_options, num_classes_of,
     recorded_input_options, resolve_input_config, unreadable_count, wanted_class_map,
 )
 from utils.distributed import device_problem, init_runtime, run_script
@@ -139,13 +139,6 @@ def evaluation_input(args, loaded: models.LoadedCheckpoint, model) -> dict:
         options.pop('img_size', None)
         options.pop('input_size', None)
     options.update(given)
-    channels = (options.get('input_size') or [options.get('in_chans') or model.pretrained_cfg['input_size'][0]])[0]
-    check_input_channels(channels, model)
-    for name in ('mean', 'std'):
-        if len(options.get(name) or [0]) not in (1, channels):
-            raise OptionError(f'the normalisation {name} {tuple(options[name])} has {len(options[name])} values, but '
-                              f'the input has {channels} channels; give --{name} with '
-                              f'{"1 value" if channels == 1 else f"1 or {channels}"}.')
     return resolve_input_config(options, model)
 
 

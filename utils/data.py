@@ -344,9 +344,15 @@ def resolve_input_config(options: dict, model: torch.nn.Module) -> dict:
     if 'input_size' not in options and 'img_size' not in options and hasattr(model, 'img_size'):
         in_chans = options.get('in_chans') or model.pretrained_cfg.get('input_size', (3,))[0]
         options['input_size'] = (in_chans, *to_2tuple(model.img_size))
-    config = resolve_data_config(options, model=model)
-    channels = config['input_size'][0]
+    # The channels as timm resolves them: the input size's, else in_chans, else the model's pretrained cfg's.
+    channels = (options.get('input_size') or [options.get('in_chans') or model.pretrained_cfg['input_size'][0]])[0]
     check_input_channels(channels, model)
+    for name in ('mean', 'std'):  # given or recorded ones (timm asserts on them); the model's are adapted below
+        if len(options.get(name) or [0]) not in (1, channels):
+            raise OptionError(f'the normalisation {name} {tuple(options[name])} has {len(options[name])} values, but '
+                              f'the input has {channels} channels; give --{name} with '
+                              f'{"1 value" if channels == 1 else f"1 or {channels}"}.')
+    config = resolve_data_config(options, model=model)
     # A model's mean and std are its pretrained cfg's, for RGB: for other input, their average (as timm's
     # prefetcher takes it, with a warning), in the workers' normalisation too.
     config.update(mean=adapt_to_chs(config['mean'], channels), std=adapt_to_chs(config['std'], channels))
